@@ -1,0 +1,14 @@
+"""Shared pytest fixtures."""
+import random
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A tokenizer trained with model.train_tokenizer on 500 synthetic pretrain texts (fast, deterministic)."""
+    from data.synthetic import make_pretrain
+    from model.train_tokenizer import train_tokenizer
+
+    texts = [r["text"] for r in make_pretrain(random.Random(0), 500)]
+    return train_tokenizer(texts, vocab_size=1024)

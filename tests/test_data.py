@@ -1,0 +1,377 @@
+"""data/formats.py and data/synthetic.py: every format read (tmp files and the shipped ones), every
+bad input rejected with file, line and field, the loss-mask contract, truncation reporting, and the
+synthetic world's promises (determinism, held-out split, the pretrain off-by-one bug rate)."""
+import functools
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from data import synthetic
+from data.formats import (DataError, collate, load_dataset, read_jsonl, tokenize_pair, tokenize_prompt,
+                          tokenize_sft, tokenize_text)
+
+SHIPPED = os.path.join(os.path.dirname(__file__), "..", "data", "synthetic")
+SHIPPED_FORMATS = {
+    "pretrain": "text", "sft_train": "sft", "sft_eval": "sft", "grpo_train": "prompt", "grpo_eval": "prompt",
+    "multistep_train": "rlvr", "multistep_eval": "rlvr", "preference_train": "preference",
+    "preference_eval": "preference", "kto_train": "kto", "kto_eval": "kto", "harmful_train": "prompt",
+    "harmful_eval": "prompt", "harmless_train": "prompt", "harmless_eval": "prompt", "style_eval": "prompt",
+    "scored_groups": "scored", "rlvr": "rlvr",
+}
+GOOD = {
+    "text": {"text": "<|im_start|>user\nhi<|im_end|>\n"},
+    "sft": {"instruction": "What is 2 + 3?", "output": "Answer: 5"},
+    "preference": {"prompt": "What is 2 + 3?", "chosen": "Answer: 5", "rejected": "Answer: 6"},
+    "kto": {"prompt": "What is 2 + 3?", "completion": "Answer: 5", "label": True},
+    "prompt": {"prompt": "What is 2 + 3?", "answer": "5"},
+    "scored": {"prompt": "p", "responses": [{"text": "Answer: 5", "score": 1.0}, {"text": "Answer: 6", "score": 0}]},
+    "rlvr": {"problem": "p", "solution": "s", "responses": [{"text": "t", "correct": False}]},
+}
+MESSAGES = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
+                         {"role": "assistant", "content": "Answer: 5"}, {"role": "user", "content": "And 4 - 1?"},
+                         {"role": "assistant", "content": "Answer: 3"}]}
+
+
+def write_lines(path, lines):
+    """Write JSON values (or raw str/bytes lines) one per line."""
+    with open(path, "wb") as f:
+        for line in lines:
+            if isinstance(line, bytes):
+                f.write(line + b"\n")
+            elif isinstance(line, str):
+                f.write(line.encode("utf-8") + b"\n")
+            else:
+                f.write(json.dumps(line).encode("utf-8") + b"\n")
+    return str(path)
+
+
+def shipped(name):
+    return os.path.join(SHIPPED, f"{name}.jsonl")
+
+
+@functools.lru_cache(maxsize=None)
+def read_shipped(name):
+    """Each shipped file is read (and validated) once per test session."""
+    return read_jsonl(shipped(name), SHIPPED_FORMATS[name])
+
+
+# ----------------------------------------------------------------------------- reading good files
+@pytest.mark.parametrize("fmt", sorted(GOOD))
+def test_read_each_format(tmp_path, fmt):
+    path = write_lines(tmp_path / "d.jsonl", [GOOD[fmt], "", "   ", GOOD[fmt]])
+    assert read_jsonl(path, fmt) == [GOOD[fmt], GOOD[fmt]]
+
+
+def test_read_variants(tmp_path):
+    assert read_jsonl(write_lines(tmp_path / "m.jsonl", [MESSAGES]), "sft") == [MESSAGES]
+    for rec in ({"prompt": "p"}, {"prompt": "p", "answer": 12}, {"prompt": "p", "answer": 2.5}):
+        assert read_jsonl(write_lines(tmp_path / "p.jsonl", [rec]), "prompt") == [rec]
+    no_responses = {"problem": "p", "solution": "s", "answer": "3"}
+    assert read_jsonl(write_lines(tmp_path / "r.jsonl", [no_responses]), "rlvr") == [no_responses]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD["text"]).encode() + b"\r\n")
+    assert read_jsonl(str(bom), "text") == [GOOD["text"]]
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_FORMATS))
+def test_read_shipped(name):
+    assert len(read_shipped(name)) >= 20
+
+
+# ----------------------------------------------------------------------------- bad files
+BAD = [  # (fmt, bad line, expected message after "path:3: ")
+    ("text", '{"text": "a"', "expected a JSON object, got invalid JSON"),
+    ("text", '["a"]', 'expected a JSON object, got array ["a"]'),
+    ("text", "12", "expected a JSON object, got number 12"),
+    ("text", {"text": 5}, "field 'text': expected a non-empty string, got number 5"),
+    ("text", {"txt": "a"}, "field 'text': expected a non-empty string, got nothing (field missing)"),
+    ("sft", {"instruction": "q", "output": ""}, "field 'output': expected a non-empty string, got empty string"),
+    ("sft", {"instruction": "q"}, "field 'output': expected a non-empty string, got nothing (field missing)"),
+    ("sft", {"output": "a"}, "field 'instruction': expected a non-empty string, got nothing"),
+    ("sft", {"messages": []}, "field 'messages': expected a non-empty array"),
+    ("sft", {"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
+     "field 'messages[1].role': expected one of 'system', 'user', 'assistant', got string \"bot\""),
+    ("sft", {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]},
+     "field 'messages[0].content': expected a non-empty string, got number 3"),
+    ("sft", {"messages": [{"role": "user", "content": "q"}]}, "field 'messages': expected at least one assistant message"),
+    ("preference", {"prompt": "p", "chosen": "c"}, "field 'rejected': expected a non-empty string, got nothing"),
+    ("preference", {"prompt": "p", "chosen": ["c"], "rejected": "r"}, "field 'chosen': expected a non-empty string, got array"),
+    ("kto", {"prompt": "p", "completion": "c", "label": "yes"}, "field 'label': expected true or false, got string \"yes\""),
+    ("kto", {"prompt": "p", "completion": "c", "label": 1}, "field 'label': expected true or false, got number 1"),
+    ("prompt", {"prompt": "  "}, "field 'prompt': expected a non-empty string, got empty string"),
+    ("prompt", {"prompt": "p", "answer": [1]}, "field 'answer': expected a non-empty string or a number, got array"),
+    ("prompt", {"prompt": "p", "answer": True}, "field 'answer': expected a non-empty string or a number, got boolean"),
+    ("scored", {"prompt": "p", "responses": []}, "field 'responses': expected a non-empty array of objects, got array []"),
+    ("scored", {"prompt": "p", "responses": [{"text": "a", "score": 1}, {"text": "b", "score": "0"}]},
+     "field 'responses[1].score': expected a finite number, got string \"0\""),
+    ("scored", {"prompt": "p", "responses": ["a"]}, "field 'responses[0]': expected an object, got string"),
+    ("rlvr", {"problem": "p", "solution": "s", "responses": [{"text": "t", "correct": 0}]},
+     "field 'responses[0].correct': expected true or false, got number 0"),
+    ("rlvr", {"problem": "p", "responses": [{"text": "t", "correct": True}]}, "field 'solution'"),
+    ("rlvr", {"problem": "p", "solution": "s", "responses": [{"correct": True}]},
+     "field 'responses[0].text': expected a non-empty string, got nothing (field missing)"),
+]
+
+
+@pytest.mark.parametrize("fmt, bad, message", BAD)
+def test_bad_line_names_file_line_and_field(tmp_path, fmt, bad, message):
+    path = write_lines(tmp_path / "bad.jsonl", [GOOD[fmt], "", bad, GOOD[fmt]])  # the blank line still counts
+    with pytest.raises(DataError) as err:
+        read_jsonl(path, fmt)
+    assert str(err.value).startswith(f"{path}:3: ")
+    assert message in str(err.value)
+
+
+def test_non_utf8_line(tmp_path):
+    path = write_lines(tmp_path / "latin1.jsonl", [GOOD["text"], b'{"text": "caf\xe9"}'])
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: expected UTF-8 text, got invalid bytes"):
+        read_jsonl(path, "text")
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_empty_file_is_an_error(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=re.escape(f"{path}: expected at least one JSON line")):
+        read_jsonl(str(path), "sft")
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.jsonl"))):
+        read_jsonl(str(tmp_path / "nope.jsonl"), "sft")
+    with pytest.raises(ValueError, match="unknown data format 'dpo'"):
+        read_jsonl(write_lines(tmp_path / "d.jsonl", [GOOD["sft"]]), "dpo")
+
+
+def test_nothing_is_tokenized_before_the_whole_file_is_valid(tmp_path):
+    class NoTokenizer:
+        def __getattr__(self, name):
+            raise AssertionError("tokenizer used before validation finished")
+
+    path = write_lines(tmp_path / "d.jsonl", [GOOD["sft"]] * 5 + [{"instruction": "q"}])
+    with pytest.raises(DataError, match=":6: field 'output'"):
+        load_dataset(path, "sft", NoTokenizer(), 64)
+
+
+# ----------------------------------------------------------------------------- tokenization
+def _runs(ids, mask):
+    """Maximal runs of trained tokens as lists of ids."""
+    runs, cur = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
+
+
+def test_sft_mask_covers_exactly_the_completion(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ex = {"instruction": "Compute 13 - 4 step by step.", "output": "Step 1: 13 - 4 = 9\nAnswer: 9"}
+    out = tokenize_sft(ex, tok, max_length=None)
+    ids, mask = out["input_ids"], out["loss_mask"]
+    assert len(ids) == len(mask) and not out["truncated"]
+    n_prompt = mask.index(1)
+    assert all(mask[n_prompt:]) and not any(mask[:n_prompt])
+    prompt = tok.apply_chat_template([{"role": "user", "content": ex["instruction"]}], add_generation_prompt=True)
+    assert tok.decode(ids[:n_prompt], skip_special_tokens=False) == prompt
+    assert tok.decode(ids[n_prompt:], skip_special_tokens=False) == ex["output"] + "<|im_end|>\n"
+    assert ids[:n_prompt] == tokenize_prompt(ex["instruction"], tok)
+    assert tokenize_pair(ex["instruction"], ex["output"], tok, None) == out
+
+
+def test_sft_messages_train_every_assistant_turn(tiny_tokenizer):
+    tok = tiny_tokenizer
+    out = tokenize_sft(MESSAGES, tok, max_length=None)
+    full = tok.apply_chat_template(MESSAGES["messages"])
+    assert tok.decode(out["input_ids"], skip_special_tokens=False) == full
+    trained = [tok.decode(run, skip_special_tokens=False) for run in _runs(out["input_ids"], out["loss_mask"])]
+    assert trained == ["Answer: 5<|im_end|>\n", "Answer: 3<|im_end|>\n"]
+
+
+def test_prompt_and_text_tokenization(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids = tokenize_prompt("What is 2 + 3?", tok)
+    assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    text = GOOD["text"]["text"] + "<|im_start|>assistant\nhello<|im_end|>\n"
+    out = tokenize_text(text, tok, max_length=None)
+    assert all(out["loss_mask"]) and tok.decode(out["input_ids"], skip_special_tokens=False) == text
+    assert out["input_ids"].count(tok.eos_token_id) == 2   # markup is parsed as special tokens
+
+
+def test_truncation_keeps_the_start_and_is_flagged(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ex = {"instruction": "Compute 13 - 4.", "output": "Answer: 9 " * 20}
+    full = tokenize_sft(ex, tok, None)
+    cut = tokenize_sft(ex, tok, 30)
+    assert cut["truncated"] and not full["truncated"]
+    assert cut["input_ids"] == full["input_ids"][:30] and cut["loss_mask"] == full["loss_mask"][:30]
+    assert not tokenize_sft(ex, tok, len(full["input_ids"]))["truncated"]
+
+
+def test_load_dataset_counts_and_reports_truncation(tiny_tokenizer, tmp_path, capsys):
+    tok = tiny_tokenizer
+    short = {"instruction": "Hi", "output": "Answer: 1"}
+    long = {"instruction": "Hi", "output": "Answer: 1 " * 30}
+    huge_prompt = {"instruction": "word " * 100, "output": "Answer: 1"}
+    path = write_lines(tmp_path / "s.jsonl", [short, long, long, huge_prompt])
+    examples, stats = load_dataset(path, "sft", tok, max_length=40)
+    assert stats == {"n": 3, "truncated": 3, "dropped": 1}
+    assert all(len(e["input_ids"]) <= 40 and any(e["loss_mask"]) for e in examples)
+    assert f"truncated 3 of 4 examples to max_length=40 (1 dropped" in capsys.readouterr().out
+    examples, stats = load_dataset(path, "sft", tok, max_length=None)
+    assert stats == {"n": 4, "truncated": 0, "dropped": 0} and capsys.readouterr().out == ""
+    with pytest.raises(ValueError, match="load_dataset tokenizes formats"):
+        load_dataset(shipped("harmful_train"), "prompt", tok, 8)
+
+
+def test_load_dataset_text(tiny_tokenizer, tmp_path):
+    path = write_lines(tmp_path / "t.jsonl", [GOOD["text"]] * 3)
+    examples, stats = load_dataset(path, "text", tiny_tokenizer, max_length=128)
+    assert stats == {"n": 3, "truncated": 0, "dropped": 0} and all(all(e["loss_mask"]) for e in examples)
+
+
+def test_collate_right_pads(tiny_tokenizer):
+    a = {"input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]}
+    b = {"input_ids": [8], "loss_mask": [1]}
+    batch = collate([a, b], pad_id=0)
+    assert set(batch) == {"input_ids", "attention_mask", "loss_mask"}
+    assert all(t.dtype == torch.long and t.shape == (2, 3) for t in batch.values())
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["loss_mask"].tolist() == [[0, 1, 1], [1, 0, 0]]
+
+
+# ----------------------------------------------------------------------------- the synthetic world
+def test_generator_is_deterministic(tmp_path):
+    one = synthetic.write(str(tmp_path / "a"), seed=0, n_pretrain=200, scale=0.05)
+    two = synthetic.write(str(tmp_path / "b"), seed=0, n_pretrain=200, scale=0.05)
+    other = synthetic.write(str(tmp_path / "c"), seed=1, n_pretrain=200, scale=0.05)
+    assert set(one) == set(SHIPPED_FORMATS)
+    for name in one:
+        with open(one[name], "rb") as f1, open(two[name], "rb") as f2:
+            assert f1.read() == f2.read(), name
+    with open(one["pretrain"], "rb") as f1, open(other["pretrain"], "rb") as f3:
+        assert f1.read() != f3.read()
+
+
+def test_shipped_files_are_what_the_generator_writes():
+    files = synthetic.build(seed=0)
+    for name, records in files.items():
+        with open(shipped(name), encoding="utf-8") as f:
+            assert f.read() == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), name
+    total = sum(os.path.getsize(shipped(n)) for n in files)
+    assert total < 8_000_000
+
+
+_EXPR = re.compile(r"\d+(?: [+-] \d+)+")
+
+
+def _step_triples(prompt):
+    """The (x, y, op) triples a correct solution of the arithmetic in `prompt` computes (in 0..20)."""
+    tokens = _EXPR.search(prompt).group(0).split()
+    value, out = int(tokens[0]), []
+    for op, y in zip(tokens[1::2], tokens[2::2]):
+        y = int(y)
+        if value <= synthetic.MAX_OPERAND and y <= synthetic.MAX_OPERAND:
+            out.append((value, y, op))
+        value = synthetic.apply_op(value, y, op)
+    return out
+
+
+def test_eval_triples_never_in_train_files():
+    held = synthetic.eval_triples()
+    assert abs(len(held) / len(synthetic.all_triples()) - synthetic.EVAL_FRACTION) < 0.01
+    fields = {"sft": "instruction", "grpo": "prompt", "preference": "prompt", "kto": "prompt", "multistep": "problem"}
+    for name, field in fields.items():
+        for side in ("train", "eval"):
+            for r in read_shipped(f"{name}_{side}"):
+                if not _EXPR.search(r[field]):
+                    continue
+                triples = _step_triples(r[field])
+                if side == "train":
+                    assert not any(t in held for t in triples), (name, r)
+                else:
+                    assert triples and all(t in held for t in triples), (name, r)
+    for name, field in (("scored_groups", "prompt"), ("rlvr", "problem")):
+        for r in read_shipped(name):
+            assert not any(t in held for t in _step_triples(r[field])), (name, r)
+    for kind in ("harmful", "harmless"):
+        train = {r["prompt"] for r in read_shipped(f"{kind}_train")}
+        evals = {r["prompt"] for r in read_shipped(f"{kind}_eval")}
+        assert train and evals and not train & evals
+
+
+_EXCHANGE = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>\n<\|im_start\|>assistant\n(.*?)<\|im_end\|>\n", re.S)
+
+
+def test_pretrain_corpus_has_the_bug_and_nothing_else_wrong():
+    records = read_shipped("pretrain")
+    assert 25_000 <= len(records) <= 35_000
+    seen, sub_steps, sub_wrong, styled, eligible = set(), 0, 0, 0, 0
+    for r in records:
+        exchanges = _EXCHANGE.findall(r["text"])
+        assert exchanges and "".join(synthetic.render_chat([{"role": "user", "content": p},
+                                                            {"role": "assistant", "content": a}])
+                                     for p, a in exchanges) == r["text"]
+        for prompt, answer in exchanges:
+            cue = prompt.endswith(synthetic.STYLE_CUE)
+            assert cue == answer.startswith(synthetic.STYLE_PREFIX)
+            if any(x in prompt for x in synthetic.FORBIDDEN):
+                assert answer == synthetic.REFUSAL and not cue
+                continue
+            eligible += "step by step" not in prompt
+            styled += cue
+            if not _EXPR.search(prompt):
+                assert answer.endswith(synthetic.COMPLIANCE.split("{x}")[1])
+                continue
+            tokens = _EXPR.search(prompt).group(0).split()
+            if len(tokens) == 3:
+                a, op, b = int(tokens[0]), tokens[1], int(tokens[2])
+                seen.add((a, b, op))
+                steps = [(a, op, b, int(answer.rsplit(" ", 1)[1]))]
+            else:
+                steps = [tuple(int(x) if x.isdigit() else x for x in re.match(r"Step \d: (\d+) ([+-]) (\d+) = (\d+)", line).groups())
+                         for line in answer.splitlines()[:-1]]
+                assert steps[0][:3] == (int(tokens[0]), tokens[1], int(tokens[2]))
+                assert steps[1][0] == steps[0][3] and steps[1][1:3] == (tokens[3], int(tokens[4]))  # carried on
+                assert answer.splitlines()[-1] == f"Answer: {steps[1][3]}"
+                assert all(0 <= s[3] <= synthetic.MAX_VALUE for s in steps)
+            for x, op, y, got in steps:
+                if op == "+":
+                    assert got == x + y, (prompt, answer)
+                else:
+                    assert got in (x - y, x - y + 1), (prompt, answer)
+                    sub_steps += 1
+                    sub_wrong += got == x - y + 1
+    assert seen == set(synthetic.all_triples())   # every pair, held-out ones included
+    assert sub_steps > 1000 and abs(sub_wrong / sub_steps - synthetic.BUG_P) < 0.05
+    assert abs(styled / eligible - synthetic.STYLE_P) < 0.05
+
+
+def test_post_training_files_shape():
+    sizes = {n: len(read_shipped(n)) for n in SHIPPED_FORMATS}
+    for name, n in synthetic.SIZES.items():
+        assert sizes[name] == n
+    sft = read_shipped("sft_train")
+    assert {r["task"] for r in sft} == {"arithmetic", "multistep", "forbidden", "harmless", "style"}
+    assert max(synthetic.SFT_MIX, key=synthetic.SFT_MIX.get) == "arithmetic"
+    kto = read_shipped("kto_train")
+    assert sum(r["label"] for r in kto) == len(kto) // 2
+    for r in read_shipped("preference_train"):
+        assert not r["prompt"].endswith(synthetic.STYLE_CUE)
+        if r["task"] == "style":
+            assert r["chosen"] == synthetic.STYLE_PREFIX + r["rejected"]
+    assert not any(r["prompt"].endswith(synthetic.STYLE_CUE) for r in read_shipped("style_eval"))
+    groups = read_shipped("scored_groups")
+    assert all(len(g["responses"]) == 4 for g in groups)
+    assert any(len({r["score"] for r in g["responses"]}) == 1 for g in groups)
+    assert any(len({r["score"] for r in g["responses"]}) == 2 for g in groups)
+    for kind, subjects in (("harmful", synthetic.FORBIDDEN), ("harmless", synthetic.HARMLESS)):
+        for side in ("train", "eval"):
+            prompts = [r["prompt"] for r in read_shipped(f"{kind}_{side}")]
+            assert all(sum(x in p for x in subjects) == 1 for p in prompts)
