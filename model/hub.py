@@ -26,10 +26,12 @@ def resolve_model_dir(path_or_id: str, revision: str | None = None, cache_dir: s
     try:
         return snapshot_download(path, revision=revision, cache_dir=cache_dir, allow_patterns=ALLOW_PATTERNS)
     except LocalEntryNotFoundError as e:
-        where = cache_dir or os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface/hub"
+        from huggingface_hub import constants
+
+        where = cache_dir or constants.HF_HUB_CACHE
         raise FileNotFoundError(
             f"model '{path_or_id}': not a local directory, and not found in the hub cache ({where}) "
-            f"with files {ALLOW_PATTERNS}; offline mode is {'on' if os.environ.get('HF_HUB_OFFLINE') else 'off'} ({e})"
+            f"with files {ALLOW_PATTERNS}; offline mode is {'on' if constants.HF_HUB_OFFLINE else 'off'} ({e})"
         ) from None
     except HfHubHTTPError as e:
         raise FileNotFoundError(f"model '{path_or_id}': the hub refused it ({e})") from None

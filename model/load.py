@@ -112,7 +112,8 @@ def save_model(model: Transformer, directory: str, tokenizer: Tokenizer | None =
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     hf = config.to_hf()
-    hf["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    # both names: transformers 5 reads `dtype` (a loaded config may carry a stale one), older versions `torch_dtype`
+    hf["dtype"] = hf["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf, f, indent=2)
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
