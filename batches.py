@@ -1,0 +1,129 @@
+"""How each kind of training data becomes the tensors a loss takes.
+
+A method is a loss file plus a config. The config names the loss (`loss: dpo` -> losses/dpo.py
+`dpo_loss`) and the `kind` of batch it eats; this file is the only place that knows the kinds:
+
+  tokens    one sequence per example (SFT, pretraining)      -> logps, mask
+  pairs     prompt + chosen + rejected (DPO, ORPO, CPO, SimPO) -> policy_chosen_logps, policy_rejected_logps,
+            chosen_mask, rejected_mask (+ ref_chosen_logps, ref_rejected_logps with a reference)
+  unpaired  prompt + completion + label (KTO)                -> policy_logps, mask, labels, kl_* (+ ref_logps)
+
+Log-probs are per token, (B, T-1), position t scoring token t+1, with the loss mask shifted the
+same way; each loss reduces them itself (masked_sum / masked_mean) and says how. Chosen and
+rejected go through the model in one concatenated forward. `call_loss` passes a loss only the
+arguments its signature names, so a new loss with the same inputs needs no change here.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import torch
+
+from data.formats import collate, load_dataset, read_jsonl, tokenize_pair
+from losses.common import sequence_logprobs
+
+KINDS = ("tokens", "pairs", "unpaired")
+
+
+def resolve_loss(name: str):
+    """`dpo` -> losses.dpo.dpo_loss; `losses.dpo:dpo_loss` or `my.module:fn` as written."""
+    module, _, fn = name.partition(":")
+    if not fn:
+        module, fn = f"losses.{name}", f"{name}_loss"
+    return getattr(importlib.import_module(module), fn)
+
+
+def call_loss(fn, inputs: dict, args: dict):
+    """fn(**inputs the signature accepts, **args): (loss, metrics)."""
+    params = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in inputs.items() if k in params}, **args)
+
+
+# ----------------------------------------------------------------------------- examples
+def load_examples(path: str, kind: str, fmt: str, tok, max_length: int) -> list[dict]:
+    """Read, validate and tokenize a whole training file for a batch kind."""
+    if kind == "tokens":
+        return load_dataset(path, fmt, tok, max_length)[0]
+    if kind == "pairs":
+        rows = read_jsonl(path, "preference")
+        out = [{"chosen": tokenize_pair(r["prompt"], r["chosen"], tok, max_length),
+                "rejected": tokenize_pair(r["prompt"], r["rejected"], tok, max_length)} for r in rows]
+    elif kind == "unpaired":
+        rows = read_jsonl(path, "kto")
+        out = [{"prompt": r["prompt"], "completion": r["completion"], "label": r["label"],
+                "seq": tokenize_pair(r["prompt"], r["completion"], tok, max_length)} for r in rows]
+    else:
+        raise ValueError(f"unknown batch kind {kind!r}; expected one of {KINDS}")
+    n_trunc = sum(any(v.get("truncated", False) for v in ex.values() if isinstance(v, dict)) for ex in out)
+    if n_trunc:
+        print(f"warning: {path}: truncated {n_trunc} of {len(out)} examples to max_length={max_length}")
+    return out
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _logps(model, seqs: list[dict], tok, device):
+    b = _to(collate(seqs, tok.pad_token_id), device)
+    logp, mask = sequence_logprobs(model, b["input_ids"], b["loss_mask"])
+    return logp, mask, int(b["attention_mask"].sum())
+
+
+def _ref_logps(ref, seqs, tok, device):
+    """Reference per-token log-probs: precomputed ones when the examples carry them, else a forward of `ref`."""
+    if all("ref_logps" in s for s in seqs):
+        width = max(len(s["input_ids"]) for s in seqs) - 1
+        out = torch.zeros(len(seqs), width, device=device)
+        for i, s in enumerate(seqs):
+            out[i, :len(s["ref_logps"])] = torch.tensor(s["ref_logps"], device=device)
+        return out
+    with torch.no_grad():
+        return _logps(ref, seqs, tok, device)[0]
+
+
+def loss_inputs(kind: str, model, ref, examples: list[dict], tok, device) -> tuple[dict, int]:
+    """The keyword inputs of a loss for one micro-batch, and the number of real tokens it ran."""
+    if kind == "tokens":
+        logps, mask, ntok = _logps(model, examples, tok, device)
+        return {"logp": logps, "mask": mask}, ntok
+    if kind == "pairs":
+        seqs = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
+        logps, mask, ntok = _logps(model, seqs, tok, device)
+        B = len(examples)
+        inputs = {"policy_chosen_logps": logps[:B], "policy_rejected_logps": logps[B:],
+                  "chosen_mask": mask[:B], "rejected_mask": mask[B:]}
+        if ref is not None or all("ref_logps" in s for s in seqs):
+            r = _ref_logps(ref, seqs, tok, device)
+            inputs.update(ref_chosen_logps=r[:B], ref_rejected_logps=r[B:])
+        return inputs, ntok
+    if kind == "unpaired":
+        seqs = [e["seq"] for e in examples]
+        logps, mask, ntok = _logps(model, seqs, tok, device)
+        labels = torch.tensor([e["label"] for e in examples], device=device)
+        inputs = {"policy_logps": logps, "mask": mask, "labels": labels}
+        # KL reference point: prompt i with the completion of example i+1 (mismatched pairs), no gradient
+        kl = [tokenize_pair(e["prompt"], examples[(i + 1) % len(examples)]["completion"], tok, None)
+              for i, e in enumerate(examples)]
+        with torch.no_grad():
+            kl_logps, kl_mask, _ = _logps(model, kl, tok, device)
+            inputs.update(kl_policy_logps=kl_logps, kl_mask=kl_mask)
+            if ref is not None:
+                inputs.update(ref_logps=_logps(ref, seqs, tok, device)[0], kl_ref_logps=_logps(ref, kl, tok, device)[0])
+        return inputs, ntok
+    raise ValueError(f"unknown batch kind {kind!r}; expected one of {KINDS}")
+
+
+@torch.no_grad()
+def precompute_reference(ref, examples: list[dict], kind: str, tok, device, batch_size: int = 32) -> None:
+    """Store the reference per-token log-probs in each pair example (`ref_logps`), so no reference
+    model has to stay in memory during training (`method.precompute_ref=true`)."""
+    if kind != "pairs":
+        raise ValueError("precompute_ref is supported for pair methods (DPO and variants)")
+    seqs = [s for e in examples for s in (e["chosen"], e["rejected"])]
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        logp, mask, _ = _logps(ref, chunk, tok, device)
+        for s, row in zip(chunk, logp):
+            s["ref_logps"] = row[:len(s["input_ids"]) - 1].tolist()
