@@ -93,7 +93,8 @@ class Evaluator:
     The first call also records the starting model's numbers that later calls compare against
     (no copy of the model is kept):
       preference  {"prompt","chosen","rejected"} -> preference_accuracy: share of pairs whose implicit
-                  reward log π(c)/π0(c) − log π(r)/π0(r) is positive (ties count ½, so the start is 0.5)
+                  reward log π(c)/π0(c) − log π(r)/π0(r) is positive (ties count ½, so the start is 0.5);
+                  preference_gap: the mean of that implicit reward margin (nats per pair)
       sft         kl: mean per-token KL(π ‖ π0) on the first `kl_examples` reference answers (exact,
                   over the whole vocabulary)
     """
@@ -122,6 +123,7 @@ class Evaluator:
                 self.start_margins = margins
             implicit = margins - self.start_margins
             metrics["preference_accuracy"] = round(float(((implicit > 0).float() + 0.5 * (implicit == 0).float()).mean()), 4)
+            metrics["preference_gap"] = round(float(implicit.mean()), 4)
         if "sft" in rows:
             metrics["perplexity"] = round(perplexity(model, tok, rows["sft"]), 4)
             kl_rows = completion_logprob_rows(model, tok, rows["sft"][:self.kl_examples])
@@ -131,6 +133,20 @@ class Evaluator:
             metrics["kl"] = round(float(torch.cat(kl).mean()), 5)
         model.train(was_training)
         return metrics
+
+
+def check_gates(metrics: dict, gates: dict) -> dict:
+    """Quality gates: `kl` (and any name ending in `kl`) is a maximum, every other metric a minimum.
+
+    Returns {name: {"value", "threshold", "pass"}}; a metric that was not measured fails.
+    """
+    report = {}
+    for name, threshold in gates.items():
+        value = metrics.get(name)
+        upper = name == "kl" or name.endswith("_kl")
+        ok = value is not None and (value <= threshold if upper else value >= threshold)
+        report[name] = {"value": value, "threshold": threshold, "max" if upper else "min": True, "pass": ok}
+    return report
 
 
 FORMATS = {"arithmetic": "prompt", "style": "prompt", "harmful": "prompt", "preference": "preference", "sft": "sft"}

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import batches
 from data.formats import DataError, read_jsonl
-from evaluate import Evaluator
+from evaluate import Evaluator, check_gates
 from model.load import auto_device, load_model, resolve_dtype, save_model
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -236,6 +236,11 @@ def run(cfg: DictConfig) -> dict:
     if cfg.eval_after:
         results["after"] = evaluator(model)
         print(f"[posttrain] after {steps} steps: {results['after']}")
+        if cfg.method.get("gates"):
+            results["gates"] = check_gates(results["after"], OmegaConf.to_container(cfg.method.gates))
+            for name, g in results["gates"].items():
+                print(f"[posttrain] gate {name}: {g['value']} ({'<=' if 'max' in g else '>='} {g['threshold']}) "
+                      f"{'PASS' if g['pass'] else 'FAIL'}")
     with open(os.path.join(run_dir, "eval.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
     final = save_model(model, os.path.join(run_dir, "checkpoints", "final"), tok)

@@ -49,3 +49,16 @@ def test_bad_training_file_is_a_clear_error_and_writes_no_checkpoint(tmp_path):
     assert out.returncode != 0
     assert f"{bad}:2: field 'output'" in out.stderr + out.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("method,extra", [("dpo", ["method.precompute_ref=true"]), ("kto", [])])
+def test_preference_run_logs_reward_metrics_and_reports_gates(tmp_path, method, extra):
+    run_dir, out = run_train(tmp_path, f"method={method}", "method.max_steps=2", "method.batch_size=4",
+                             "data.eval.arithmetic=null", "data.eval.style=null", "data.eval.harmful=null", *extra)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("rewards/margins" in r and "kl" in r for r in lines)
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["before"]["preference_accuracy"] == 0.5 and ev["before"]["kl"] == 0.0  # the start is its own reference
+    assert set(ev["gates"]) == {"preference_gap", "kl"}
+    assert all(isinstance(g["pass"], bool) for g in ev["gates"].values())
+    assert "gate kl:" in out.stdout
