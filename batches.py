@@ -7,6 +7,7 @@ A method is a loss file plus a config. The config names the loss (`loss: dpo` ->
   pairs     prompt + chosen + rejected (DPO, ORPO, CPO, SimPO) -> policy_chosen_logps, policy_rejected_logps,
             chosen_mask, rejected_mask (+ ref_chosen_logps, ref_rejected_logps with a reference)
   unpaired  prompt + completion + label (KTO)                -> policy_logps, mask, labels, kl_* (+ ref_logps)
+  rollouts  prompts sampled on-line (GRPO family)            -> see rollout/rl.py
 
 Log-probs are per token, (B, T-1), position t scoring token t+1, with the loss mask shifted the
 same way; each loss reduces them itself (masked_sum / masked_mean) and says how. Chosen and
@@ -23,7 +24,7 @@ import torch
 from data.formats import collate, load_dataset, read_jsonl, tokenize_pair
 from losses.common import sequence_logprobs
 
-KINDS = ("tokens", "pairs", "unpaired")
+KINDS = ("tokens", "pairs", "unpaired", "rollouts")
 
 
 def resolve_loss(name: str):
@@ -45,6 +46,8 @@ def load_examples(path: str, kind: str, fmt: str, tok, max_length: int) -> list[
     """Read, validate and tokenize a whole training file for a batch kind."""
     if kind == "tokens":
         return load_dataset(path, fmt, tok, max_length)[0]
+    if kind == "rollouts":  # prompts (+ the columns the rewards read); tokenized when sampled
+        return read_jsonl(path, fmt)
     if kind == "pairs":
         rows = read_jsonl(path, "preference")
         out = [{"chosen": tokenize_pair(r["prompt"], r["chosen"], tok, max_length),
@@ -81,6 +84,25 @@ def _ref_logps(ref, seqs, tok, device):
         return out
     with torch.no_grad():
         return _logps(ref, seqs, tok, device)[0]
+
+
+class DatasetSource:
+    """Micro-batches for offline kinds: `grad_accum` batches of `batch_size` examples per step,
+    reshuffled (seeded) every epoch."""
+
+    def __init__(self, examples: list[dict], batch_size: int, grad_accum: int, seed: int):
+        self.examples, self.bs, self.accum = examples, batch_size, grad_accum
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order, self.cursor = [], 0
+
+    def step(self, model=None) -> tuple[list[list[dict]], dict]:
+        micro = []
+        for _ in range(self.accum):
+            if self.cursor + self.bs > len(self.order):
+                self.order, self.cursor = torch.randperm(len(self.examples), generator=self.gen).tolist(), 0
+            micro.append([self.examples[i] for i in self.order[self.cursor:self.cursor + self.bs]])
+            self.cursor += self.bs
+        return micro, {}
 
 
 def loss_inputs(kind: str, model, ref, examples: list[dict], tok, device) -> tuple[dict, int]:

@@ -28,8 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import batches
+from rollout.rl import RolloutSource, rollout_loss_inputs
 from data.formats import DataError, read_jsonl
 from evaluate import Evaluator, check_gates
+from lora.inject import adapters_disabled, apply_adapters, export_merged
+from lora.peft_io import save_adapter
 from model.load import auto_device, load_model, resolve_dtype, save_model
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -47,13 +50,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_at(step: int, total: int, m) -> float:
-    """Linear warmup for warmup_ratio of the steps, then cosine decay to lr * min_lr_ratio."""
+def lr_at(step: int, total: int, m, peak: float) -> float:
+    """Linear warmup for warmup_ratio of the steps, then cosine decay to peak * min_lr_ratio."""
     warmup = max(1, int(m.warmup_ratio * total))
     if step < warmup:
-        return m.lr * (step + 1) / warmup
+        return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return m.lr * (m.min_lr_ratio + (1 - m.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (m.min_lr_ratio + (1 - m.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def pack(examples: list[dict], block: int) -> list[dict]:
@@ -120,13 +123,45 @@ def load_examples(cfg, tok) -> list[dict]:
     return examples
 
 
-def make_reference(model, cfg):
-    """The frozen reference policy for methods with `reference: true`: a copy of the starting model.
+class AdaptersDisabled:
+    """The reference policy of an adapter run: the same model with every adapter switched off.
 
-    (With adapters the reference will be the base with adapters disabled: no copy.)
+    Callable like the model (always without gradient); nothing is copied.
     """
+
+    def __init__(self, policy):
+        self.policy, self.model, self.config = policy, policy.model, policy.config
+
+    @property
+    def lm_head_weight(self):
+        return self.policy.lm_head_weight
+
+    def __call__(self, *args, **kwargs):
+        with adapters_disabled(self.policy), torch.no_grad():
+            return self.policy(*args, **kwargs)
+
+
+def add_adapters(model, cfg) -> bool:
+    """`lora=lora|dora|qlora`: wrap the target linears (freezing the rest). Returns whether it did."""
+    a = cfg.lora
+    if a.kind == "none":
+        return False
+    targets = a.targets if isinstance(a.targets, str) else list(a.targets)
+    names = apply_adapters(model, kind=a.kind, rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=targets,
+                           use_rslora=a.use_rslora, quantize=a.quantize)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"[posttrain] {a.kind}{' (NF4 base)' if a.quantize else ''} adapters on {len(names)} linears: "
+          f"{n_train:,} trainable parameters")
+    return True
+
+
+def make_reference(model, cfg, adapters: bool):
+    """The frozen reference policy for methods with `reference: true`: the base with adapters
+    disabled for adapter runs, a copy of the starting model for full fine-tuning."""
     if not cfg.method.get("reference"):
         return None
+    if adapters:
+        return AdaptersDisabled(model)
     ref = copy.deepcopy(model).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -136,55 +171,64 @@ def make_reference(model, cfg):
 def train_loop(model, ref, tok, examples, cfg, run_dir, device):
     """The optimisation loop every method shares. Returns the number of optimiser steps taken.
 
-    Each micro-batch: batches.loss_inputs (the forward passes the batch kind needs) -> the method's
-    loss -> backward. Then clipping, AdamW, the schedule, a metrics.jsonl line.
+    Each step: the source gives this step's micro-batches (a slice of the dataset, or a rollout
+    batch for RL kinds); each micro-batch goes through the forward passes its kind needs, the
+    method's loss, backward; then clipping, AdamW, the schedule, a metrics.jsonl line.
     """
     m = cfg.method
     kind = m.get("kind", "tokens")
     loss_fn = batches.resolve_loss(m.loss)
     loss_args = OmegaConf.to_container(m.loss_args, resolve=True) if m.get("loss_args") else {}
-    steps_per_epoch = math.ceil(len(examples) / (m.batch_size * m.grad_accum))
-    total = m.max_steps or steps_per_epoch * m.epochs
+    if kind == "rollouts":
+        source = RolloutSource(examples, tok, m, cfg.seed)
+        total = m.max_steps
+    else:
+        source = batches.DatasetSource(examples, m.batch_size, m.grad_accum, cfg.seed)
+        total = m.max_steps or math.ceil(len(examples) / (m.batch_size * m.grad_accum)) * m.epochs
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
+    lr = m.lr * (cfg.lora.lr_scale if cfg.lora.kind != "none" else 1.0)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": m.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=m.lr, betas=tuple(m.betas),
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(m.betas),
                             fused=device.type == "cuda")
     log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order, cursor = torch.randperm(len(examples), generator=gen).tolist(), 0
     model.train()
     bar = tqdm(range(total), desc=m.name, disable=not cfg.progress, dynamic_ncols=True)
     for step in bar:
-        t0, ntok, loss_sum, sums = time.perf_counter(), 0, 0.0, {}
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, m)
-        for _ in range(m.grad_accum):
-            if cursor + m.batch_size > len(order):
-                order, cursor = torch.randperm(len(examples), generator=gen).tolist(), 0
-            micro = [examples[i] for i in order[cursor:cursor + m.batch_size]]
-            cursor += m.batch_size
+            g["lr"] = lr_at(step, total, m, lr)
+        micro_batches, sums = source.step(model)
+        t0, ntok, loss_sum = time.perf_counter(), 0, 0.0
+        # token-sum losses (dapo) are already normalised by the whole batch's token count
+        scale = 1.0 if loss_args.get("loss_type") == "dapo" else 1.0 / max(len(micro_batches), 1)
+        n_items = sum(float(r["mask"].sum()) for mb in micro_batches for r in mb) if kind == "rollouts" else None
+        for micro in micro_batches:
             with autocast:
-                inputs, n = batches.loss_inputs(kind, model, ref, micro, tok, device)
+                if kind == "rollouts":
+                    inputs, n, extra = rollout_loss_inputs(model, ref, micro, tok, device, m.temperature, n_items)
+                else:
+                    (inputs, n), extra = batches.loss_inputs(kind, model, ref, micro, tok, device), {}
                 loss, metrics = batches.call_loss(loss_fn, inputs, loss_args)
-            (loss / m.grad_accum).backward()
-            loss_sum += loss.item() / m.grad_accum
+            (loss * scale).backward()
+            loss_sum += loss.item() * scale
             ntok += n
-            for k, v in metrics.items():
+            for k, v in {**metrics, **extra}.items():
                 if k != "loss":
-                    sums[k] = sums.get(k, 0.0) + float(v) / m.grad_accum
+                    sums[k] = sums.get(k, 0.0) + float(v) / len(micro_batches)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, m.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"step {step}: non-finite gradient norm ({grad_norm}); loss {loss_sum}")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tps = ntok / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:,.0f}")
+        train_s = time.perf_counter() - t0
+        tps = ntok / train_s
+        bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:,.0f}",
+                        **({"reward": f"{sums['reward']:.3f}"} if "reward" in sums else {}))
         if step % cfg.log_every == 0 or step == total - 1:
             log.write(step=step, loss=loss_sum, lr=opt.param_groups[0]["lr"], grad_norm=grad_norm,
-                      tokens_per_s=tps, tokens=ntok, **sums)
+                      tokens_per_s=tps, tokens=ntok, train_s=train_s, **sums)
     model.eval()
     return total
 
@@ -219,11 +263,12 @@ def run(cfg: DictConfig) -> dict:
     else:
         model, tok = load_model(repo_path(cfg.model.path), dtype=dtype, device=device)
     model.gradient_checkpointing = bool(cfg.model.gradient_checkpointing)
+    adapters = add_adapters(model, cfg)
     # Training keeps fp32 master weights unless the model was asked for in bf16 explicitly.
     print(f"[posttrain] {cfg.method.name} on {device} ({dtype}); run dir {run_dir}")
 
     examples = load_examples(cfg, tok)
-    ref = make_reference(model, cfg)
+    ref = make_reference(model, cfg, adapters)
     if ref is not None and cfg.method.get("precompute_ref"):
         batches.precompute_reference(ref, examples, cfg.method.kind, tok, device)
         ref = None  # the log-probs live in the examples now; the copy's memory is freed
@@ -243,7 +288,13 @@ def run(cfg: DictConfig) -> dict:
                       f"{'PASS' if g['pass'] else 'FAIL'}")
     with open(os.path.join(run_dir, "eval.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
-    final = save_model(model, os.path.join(run_dir, "checkpoints", "final"), tok)
+    final = os.path.join(run_dir, "checkpoints", "final")
+    if adapters:  # a PEFT adapter directory (loads with peft.PeftModel.from_pretrained)
+        save_adapter(model, final, base_model_name_or_path=str(cfg.model.path), tokenizer=tok)
+        if cfg.lora.export_merged:
+            export_merged(model, os.path.join(run_dir, "checkpoints", "merged"), tok)
+    else:
+        save_model(model, final, tok)
     if cfg.method.get("export"):
         export = repo_path(cfg.method.export) if not os.path.isabs(cfg.method.export) else cfg.method.export
         shutil.rmtree(export, ignore_errors=True)

@@ -1,0 +1,163 @@
+"""Rollout batches for the policy-gradient methods (GRPO, DAPO, Dr.GRPO, RLVR).
+
+One generation batch = `prompts_per_step` prompts x `num_generations` samples, drawn on the
+project's KV-cached sampler: each prompt is prefilled once and its G samples share the cache, and
+the sampler returns the log-probs of the sampled tokens, which are the "old" log-probs of the
+clipped surrogate (no second forward while the policy has not changed). Rewards come from the
+registered reward functions (rollout/rewards.py), summed with `reward_weights`; advantages are
+group-relative (losses/grpo.py). DAPO's dynamic sampling drops groups whose rewards all tie and
+draws more prompts, up to `max_resample` extra rounds, counting what it dropped.
+
+The same batch is reused for `num_iterations` optimiser steps (the μ of GRPO): the first step is
+exactly on-policy (ratio 1); later ones are clipped against the kept old log-probs.
+
+Offline groups (the seeds' scored `responses` or RLVR `correct` flags) take the same path without
+generation: the given texts are tokenized as completions and their rewards are the given scores.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from data.formats import tokenize_prompt
+from losses.common import masked_mean, token_logprobs
+from losses.grpo import dynamic_sampling_keep, group_advantages, overlong_penalty
+from rollout.rewards import get_rewards
+from rollout.sampler import SamplingConfig, generate
+
+
+def completion_logprobs(model, prompt_lens: list[int], seqs: list[list[int]], width: int, pad_id: int,
+                        temperature: float = 1.0, with_entropy: bool = False):
+    """Log-probs (N, width) of the completion tokens of `seqs` (prompt + completion, unpadded) under `model`.
+
+    Column j is completion token j, matching the sampler's layout; right-padded, causal, no mask needed.
+    """
+    device = model.model.embed_tokens.weight.device
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, device=device)
+    hidden = model(ids, hidden_only=True)
+    start = torch.tensor(prompt_lens, device=device)[:, None] - 1  # position t predicts token t+1
+    pos = (start + torch.arange(width, device=device)[None]).clamp(max=T - 2)
+    h = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
+    labels = ids.gather(1, (pos + 1).clamp(max=T - 1))
+    return token_logprobs(h, model.lm_head_weight, labels, temperature, with_entropy=with_entropy)
+
+
+class RolloutSource:
+    """Yields the micro-batches of each optimiser step for kind `rollouts`."""
+
+    def __init__(self, rows: list[dict], tok, cfg, seed: int):
+        m = cfg
+        self.rows, self.tok, self.m = rows, tok, m
+        self.reward_fns = get_rewards(list(m.reward))
+        self.weights = list(m.get("reward_weights") or [1.0] * len(self.reward_fns))
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order, self.cursor, self.seed = [], 0, seed
+        self.buffer, self.uses = None, 0
+        self.sampling = SamplingConfig(max_new_tokens=m.max_new_tokens, temperature=m.temperature,
+                                       top_k=m.get("top_k", 0), top_p=m.get("top_p", 1.0), min_p=m.get("min_p", 0.0))
+
+    def _prompts(self, n: int) -> list[dict]:
+        out = []
+        while len(out) < n:
+            if self.cursor >= len(self.order):
+                self.order, self.cursor = torch.randperm(len(self.rows), generator=self.gen).tolist(), 0
+            out.append(self.rows[self.order[self.cursor]])
+            self.cursor += 1
+        return out
+
+    def _rewards(self, rows: list[dict], texts: list[str]) -> tuple[torch.Tensor, dict]:
+        G = self.m.num_generations
+        prompts = [r["prompt"] for r in rows for _ in range(G)]
+        fields = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+        total, metrics = torch.zeros(len(texts)), {}
+        for fn, w in zip(self.reward_fns, self.weights):
+            r = torch.tensor(fn(prompts, texts, **fields), dtype=torch.float32)
+            metrics[f"rewards/{fn.reward_name}/mean"] = r.mean().item()
+            metrics[f"rewards/{fn.reward_name}/std"] = r.std().item() if len(r) > 1 else 0.0
+            total += w * r
+        return total, metrics
+
+    @torch.no_grad()
+    def collect(self, model) -> dict:
+        """Generate, score and keep one generation batch (dynamic sampling when enabled)."""
+        m, tok, G = self.m, self.tok, self.m.num_generations
+        t0 = time.perf_counter()
+        kept, dropped, rounds = [], 0, 0
+        metrics = {}
+        while len(kept) < m.prompts_per_step and rounds <= m.get("max_resample", 0):
+            rows = self._prompts(m.prompts_per_step - len(kept))
+            ids = [tokenize_prompt(r["prompt"], tok) for r in rows]
+            self.seed += 1
+            roll = generate(model, ids, self.sampling, tok.stop_token_ids, tok.pad_token_id,
+                            num_samples=G, seed=self.seed, tokenizer=tok)
+            texts = roll.texts(tok)
+            rewards, metrics = self._rewards(rows, texts)
+            lengths = roll.mask.sum(1)
+            if m.get("overlong_cache"):
+                rewards = rewards + overlong_penalty(lengths, m.max_new_tokens, m.overlong_cache)
+            keep = dynamic_sampling_keep(rewards, G) if m.get("dynamic_sampling") else torch.ones(len(rows), dtype=torch.bool)
+            dropped += int((~keep).sum())
+            for i in range(len(rows)):
+                if keep[i]:
+                    sl = slice(i * G, (i + 1) * G)
+                    kept.append({"prompt_ids": ids[i], "completion_ids": roll.completion_ids[sl].cpu(),
+                                 "old_logps": roll.logprobs[sl].cpu(), "mask": roll.mask[sl].cpu(),
+                                 "truncated": roll.truncated[sl].cpu(), "rewards": rewards[sl], "texts": texts[sl]})
+            rounds += 1
+        if not kept:  # every group tied even after resampling: train on nothing rather than crash
+            return {"rows": [], "metrics": {**metrics, "dynamic_sampling/dropped": dropped, "rollout_s": time.perf_counter() - t0}}
+        rewards = torch.cat([g["rewards"] for g in kept])
+        adv = group_advantages(rewards, G, m.scale_rewards)
+        width = max(g["completion_ids"].shape[1] for g in kept)
+        rows = []
+        for gi, g in enumerate(kept):
+            for j in range(G):
+                n = int(g["mask"][j].sum())
+                mask = torch.zeros(width)
+                mask[:g["mask"].shape[1]] = g["mask"][j]
+                if m.get("mask_truncated_completions") and g["truncated"][j]:
+                    mask.zero_()
+                old = torch.zeros(width)
+                old[:g["old_logps"].shape[1]] = g["old_logps"][j]
+                rows.append({"seq": g["prompt_ids"] + g["completion_ids"][j, :n].tolist(),
+                             "prompt_len": len(g["prompt_ids"]), "old_logps": old, "mask": mask,
+                             "advantage": adv[gi * G + j]})
+        lengths = torch.tensor([float(g["mask"][j].sum()) for g in kept for j in range(G)])
+        groups = rewards.view(-1, G)
+        metrics.update({
+            "reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "frac_reward_zero_std": (groups.std(1) == 0).float().mean().item() if G > 1 else 1.0,
+            "completion_length/mean": lengths.mean().item(), "completion_length/min": lengths.min().item(),
+            "completion_length/max": lengths.max().item(),
+            "truncated_ratio": torch.cat([g["truncated"] for g in kept]).float().mean().item(),
+            "dynamic_sampling/dropped": dropped, "rollout_s": time.perf_counter() - t0,
+        })
+        return {"rows": rows, "metrics": metrics}
+
+    def step(self, model) -> tuple[list[list[dict]], dict]:
+        """The micro-batches for this optimiser step and the rollout metrics (fresh every num_iterations steps)."""
+        if self.buffer is None or self.uses >= self.m.num_iterations:
+            self.buffer, self.uses = self.collect(model), 0
+        self.uses += 1
+        rows, mb = self.buffer["rows"], self.m.micro_batch_size
+        return [rows[i:i + mb] for i in range(0, len(rows), mb)], dict(self.buffer["metrics"])
+
+
+def rollout_loss_inputs(model, ref, rows: list[dict], tok, device, temperature: float, n_items: float):
+    """Inputs of grpo_loss for a micro-batch of rollout rows (current, old and reference log-probs),
+    the number of tokens run, and the policy entropy on the completion tokens."""
+    width = rows[0]["mask"].shape[0]
+    seqs, plens = [r["seq"] for r in rows], [r["prompt_len"] for r in rows]
+    logps, ent = completion_logprobs(model, plens, seqs, width, tok.pad_token_id, temperature, with_entropy=True)
+    mask = torch.stack([r["mask"] for r in rows]).to(device)
+    inputs = {"logps": logps, "old_logps": torch.stack([r["old_logps"] for r in rows]).to(device), "mask": mask,
+              "advantages": torch.stack([r["advantage"] for r in rows]).to(device),
+              "num_items_in_batch": n_items}
+    if ref is not None:
+        with torch.no_grad():
+            inputs["ref_logps"] = completion_logprobs(ref, plens, seqs, width, tok.pad_token_id, temperature)
+    return inputs, sum(len(s) for s in seqs), {"entropy": float(masked_mean(ent.detach(), mask))}
