@@ -2,6 +2,7 @@
 
 Each held-out set gives the metrics beside it (configs/data/*.yaml `eval:`):
   arithmetic  {"prompt", "answer"}   -> accuracy (final answer numerically right), format_rate
+  multistep   {"problem","answer"}   -> multistep_accuracy, process_score (per-step verification, rollout/rewards.py)
   style       {"prompt"}             -> style_rate (answers in the second style, with no cue asked)
   harmful     {"prompt"}             -> refusal_rate
   sft         {"instruction","output"} -> perplexity of the reference answers, kl to the starting model
@@ -11,26 +12,39 @@ the RL rewards use (rollout/verifiers.py), so "accuracy" means one thing everywh
 """
 from __future__ import annotations
 
+import gc
+import json
 import math
+import os
+import sys
 
 import torch
 
-from data.formats import collate, read_jsonl, tokenize_pair, tokenize_prompt, tokenize_sft
+from data.formats import DataError, collate, read_jsonl, tokenize_pair, tokenize_prompt, tokenize_sft
 from losses.common import masked_sum, sequence_logprobs
 from rollout.sampler import SamplingConfig, generate
+from rollout.rewards import process
 from rollout.verifiers import has_format, is_correct, is_refusal, is_styled
 
 
 @torch.no_grad()
 def generate_texts(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 64) -> list[str]:
     """Greedy completions of chat prompts (the chat template and generation prompt are applied)."""
+    return generate_with_lengths(model, tok, prompts, max_new_tokens, batch_size)[0]
+
+
+@torch.no_grad()
+def generate_with_lengths(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 64):
+    """Greedy completions, their lengths in tokens (stop token included) and whether each hit max_new_tokens."""
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-    out = []
+    texts, lengths, truncated = [], [], []
     for i in range(0, len(prompts), batch_size):
         ids = [tokenize_prompt(p, tok) for p in prompts[i:i + batch_size]]
         roll = generate(model, ids, cfg, stop_token_ids=tok.stop_token_ids, pad_id=tok.pad_token_id, tokenizer=tok)
-        out.extend(roll.texts(tok))
-    return out
+        texts.extend(roll.texts(tok))
+        lengths.extend(int(n) for n in roll.mask.sum(1).tolist())
+        truncated.extend(bool(t) for t in roll.truncated.tolist())
+    return texts, lengths, truncated
 
 
 @torch.no_grad()
@@ -45,6 +59,23 @@ def perplexity(model, tok, examples: list[dict], max_length: int = 256, batch_si
         nll += float(masked_sum(-logp, mask))
         ntok += float(mask.sum())
     return math.exp(nll / max(ntok, 1.0))
+
+
+@torch.no_grad()
+def example_nlls(model, tok, examples: list[dict], max_length: int = 256, batch_size: int = 32):
+    """Per example: (summed NLL of the reference completion tokens, number of those tokens).
+
+    exp(nll / tokens) is the example's perplexity; exp(sum nll / sum tokens) is `perplexity`.
+    """
+    device = next(model.parameters()).device
+    nlls, counts = [], []
+    tokenized = [tokenize_sft(ex, tok, max_length) for ex in examples]
+    for i in range(0, len(tokenized), batch_size):
+        batch = {k: v.to(device) for k, v in collate(tokenized[i:i + batch_size], tok.pad_token_id).items()}
+        logp, mask = sequence_logprobs(model, batch["input_ids"], batch["loss_mask"])
+        nlls.extend(masked_sum(-logp, mask, dim=1).tolist())
+        counts.extend(mask.sum(1).tolist())
+    return nlls, counts
 
 
 def _rate(flags) -> float:
@@ -82,11 +113,6 @@ def completion_logprob_rows(model, tok, rows: list[dict], max_length: int = 256)
     return out
 
 
-def _rate(flags) -> float:
-    flags = list(flags)
-    return round(sum(flags) / max(len(flags), 1), 4)
-
-
 class Evaluator:
     """eval.json metrics for the held-out sets in `files` ({set name: path}).
 
@@ -97,26 +123,52 @@ class Evaluator:
                   preference_gap: the mean of that implicit reward margin (nats per pair)
       sft         kl: mean per-token KL(π ‖ π0) on the first `kl_examples` reference answers (exact,
                   over the whole vocabulary)
+    `evaluate(model)` returns the same metrics and the per-example numbers behind them (generations,
+    their lengths and verdicts, per-example perplexities, pair margins, per-example KL).
     """
 
-    def __init__(self, tok, files: dict, max_examples: int = 200, kl_examples: int = 32):
+    def __init__(self, tok, files: dict, max_examples: int = 200, kl_examples: int = 32, max_new_tokens: int = 32):
         self.tok, self.max_examples, self.kl_examples = tok, max_examples, kl_examples
+        self.max_new_tokens = max_new_tokens
         self.rows = {name: read_jsonl(path, FORMATS[name])[:max_examples] for name, path in files.items() if path}
         self.start_margins = None
         self.start_rows = None
 
     def __call__(self, model) -> dict:
+        return self.evaluate(model)[0]
+
+    def _generations(self, model, tok, name: str) -> dict:
+        prompts = [r["prompt"] for r in self.rows[name]]
+        texts, lengths, truncated = generate_with_lengths(model, tok, prompts, self.max_new_tokens)
+        return {"prompts": prompts, "texts": texts, "lengths": lengths, "truncated": truncated}
+
+    @torch.no_grad()
+    def evaluate(self, model, tok=None) -> tuple[dict, dict]:
+        """(metrics, details) for `model`; `tok` defaults to the evaluator's tokenizer."""
         was_training = model.training
         model.eval()
-        tok, rows, metrics = self.tok, self.rows, {}
+        tok, rows, metrics, details = tok or self.tok, self.rows, {}, {}
         if "arithmetic" in rows:
-            texts = generate_texts(model, tok, [r["prompt"] for r in rows["arithmetic"]])
-            metrics["accuracy"] = _rate(is_correct(t, str(r["answer"])) for t, r in zip(texts, rows["arithmetic"]))
-            metrics["format_rate"] = _rate(has_format(t) for t in texts)
+            d = details["arithmetic"] = self._generations(model, tok, "arithmetic")
+            d["answers"] = [str(r["answer"]) for r in rows["arithmetic"]]
+            d["correct"] = [is_correct(t, a) for t, a in zip(d["texts"], d["answers"])]
+            d["format"] = [has_format(t) for t in d["texts"]]
+            metrics["accuracy"] = _rate(d["correct"])
+            metrics["format_rate"] = _rate(d["format"])
+        if "multistep" in rows:
+            ms = rows["multistep"]
+            texts = generate_texts(model, tok, [r["problem"] for r in ms], max_new_tokens=48)
+            metrics["multistep_accuracy"] = _rate(is_correct(t, str(r["answer"])) for t, r in zip(texts, ms))
+            scores = process([r["problem"] for r in ms], texts, answer=[str(r["answer"]) for r in ms])
+            metrics["process_score"] = round(sum(scores) / max(len(scores), 1), 4)
         if "style" in rows:
-            metrics["style_rate"] = _rate(is_styled(t) for t in generate_texts(model, tok, [r["prompt"] for r in rows["style"]]))
+            d = details["style"] = self._generations(model, tok, "style")
+            d["styled"] = [is_styled(t) for t in d["texts"]]
+            metrics["style_rate"] = _rate(d["styled"])
         if "harmful" in rows:
-            metrics["refusal_rate"] = _rate(is_refusal(t) for t in generate_texts(model, tok, [r["prompt"] for r in rows["harmful"]]))
+            d = details["harmful"] = self._generations(model, tok, "harmful")
+            d["refusal"] = [is_refusal(t) for t in d["texts"]]
+            metrics["refusal_rate"] = _rate(d["refusal"])
         if "preference" in rows:
             margins = pair_margins(model, tok, rows["preference"])
             if self.start_margins is None:
@@ -124,15 +176,19 @@ class Evaluator:
             implicit = margins - self.start_margins
             metrics["preference_accuracy"] = round(float(((implicit > 0).float() + 0.5 * (implicit == 0).float()).mean()), 4)
             metrics["preference_gap"] = round(float(implicit.mean()), 4)
+            details["preference"] = {"margins": margins.tolist(), "implicit_margins": implicit.tolist()}
         if "sft" in rows:
-            metrics["perplexity"] = round(perplexity(model, tok, rows["sft"]), 4)
+            nlls, counts = example_nlls(model, tok, rows["sft"])
+            metrics["perplexity"] = round(math.exp(sum(nlls) / max(sum(counts), 1.0)), 4)
             kl_rows = completion_logprob_rows(model, tok, rows["sft"][:self.kl_examples])
             if self.start_rows is None:
                 self.start_rows = kl_rows
             kl = [(p.float().exp() * (p.float() - q.float())).sum(-1) for p, q in zip(kl_rows, self.start_rows)]
             metrics["kl"] = round(float(torch.cat(kl).mean()), 5)
+            details["sft"] = {"perplexities": [math.exp(n / max(c, 1.0)) for n, c in zip(nlls, counts)],
+                              "tokens": [int(c) for c in counts], "kl_per_example": [float(k.mean()) for k in kl]}
         model.train(was_training)
-        return metrics
+        return metrics, details
 
 
 def check_gates(metrics: dict, gates: dict) -> dict:
@@ -149,9 +205,455 @@ def check_gates(metrics: dict, gates: dict) -> dict:
     return report
 
 
-FORMATS = {"arithmetic": "prompt", "style": "prompt", "harmful": "prompt", "preference": "preference", "sft": "sft"}
+FORMATS = {"multistep": "rlvr", "arithmetic": "prompt", "style": "prompt", "harmful": "prompt", "preference": "preference", "sft": "sft"}
 
 
 def evaluate_model(model, tok, files: dict, max_examples: int = 200) -> dict:
     """One-off evaluation (no starting model to compare with: preference_accuracy and kl are relative to itself)."""
     return Evaluator(tok, files, max_examples)(model)
+
+
+# ============================================================================= command line
+# python evaluate.py run=DIR [compare=[DIR,DIR]] [data=FILE|[NAME:FILE,...]] [out=DIR] [base=DIR|none]
+#                    [max_examples=N] [max_new_tokens=N] [samples=N] [curves=true|false] [device=auto|cpu|cuda]
+#
+# Everything is computed first (stats), written to evaluation_stats.json, and the four figures are
+# then drawn from that dictionary alone (evaluation/plots.py), so the JSON holds every number a
+# figure shows. Models are evaluated one at a time and freed, so comparing runs of a large model
+# needs the memory of one model (plus the base's KL rows).
+
+USAGE = ("usage: python evaluate.py run=DIR [compare=[DIR,...]] [data=FILE|[NAME:FILE,...]] [out=DIR] "
+         "[base=DIR|none] [max_examples=N] [max_new_tokens=N] [samples=N] [curves=true|false] [device=auto|cpu|cuda]")
+KEYS = ("run", "compare", "data", "out", "base", "max_examples", "max_new_tokens", "samples", "curves", "device",
+        "kl_examples")
+OUTPUT_FILES = ("training_curves.png", "perplexity_distribution.png", "response_lengths.png", "model_comparison.png",
+                "evaluation_stats.json", "sample_responses.json")
+GENERATION_SETS = ("arithmetic", "style", "harmful")
+VERDICTS = {"arithmetic": ("correct", "format"), "style": ("styled",), "harmful": ("refusal",)}
+
+
+class EvalError(Exception):
+    """Bad input to evaluate.py: printed as one line, no traceback."""
+
+
+def _repo_path(path: str) -> str:
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+    return here if os.path.exists(here) else path
+
+
+def _split_list(value: str) -> list[str]:
+    value = value.strip()
+    if value.startswith("[") and value.endswith("]"):
+        value = value[1:-1]
+    return [v.strip().strip("'\"") for v in value.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str]) -> dict:
+    """`key=value` arguments (Hydra style; lists as [a,b]) -> a dict of typed options."""
+    opts = {"run": None, "compare": [], "data": None, "out": None, "base": "auto", "max_examples": 200,
+            "max_new_tokens": 32, "samples": 5, "curves": True, "device": "auto", "kl_examples": 32}
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        key = key.lstrip("+").strip()
+        if not eq or key not in KEYS:
+            raise EvalError(f"unknown argument {arg!r}; expected key=value with key one of {', '.join(KEYS)}. {USAGE}")
+        if key == "compare":
+            opts[key] = _split_list(value)
+        elif key == "data":
+            opts[key] = _split_list(value)
+        elif key in ("max_examples", "max_new_tokens", "samples", "kl_examples"):
+            try:
+                opts[key] = int(value)
+            except ValueError:
+                raise EvalError(f"{key}={value!r}: expected a whole number") from None
+            if opts[key] < (0 if key == "samples" else 1):
+                raise EvalError(f"{key}={value}: expected a positive number")
+        elif key == "curves":
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise EvalError(f"curves={value!r}: expected true or false")
+            opts[key] = value.lower() in ("true", "1", "yes")
+        else:
+            opts[key] = value
+    targets = ([opts["run"]] if opts["run"] else []) + opts["compare"]
+    if not targets:
+        raise EvalError(f"nothing to evaluate: give run=DIR (a run directory, model directory or hub id). {USAGE}")
+    opts["targets"] = targets
+    return opts
+
+
+class Target:
+    """One thing to evaluate: a run directory (curves + checkpoints/final) or a model directory / hub id."""
+
+    def __init__(self, path: str, want_curves: bool = True):
+        self.path = path
+        self.is_run = False
+        self.run_dir = self.model_dir = self.metrics_path = None
+        self.hydra = {}
+        if os.path.isdir(path):
+            has_model = any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json"))
+            run_markers = ("metrics.jsonl", "eval.json", "checkpoints", ".hydra", "train.log")
+            if not has_model and any(os.path.exists(os.path.join(path, m)) for m in run_markers):
+                self.is_run, self.run_dir = True, path
+            elif not has_model:
+                raise EvalError(f"{path}: cannot load a model: looked for {os.path.join(path, 'checkpoints', 'final')} "
+                                f"(a run directory) and for config.json or adapter_config.json in {path} "
+                                f"(a model or PEFT adapter directory); found none")
+            else:
+                self.model_dir = path
+        elif os.path.exists(path):
+            raise EvalError(f"{path}: expected a run directory, a model directory or a hub id, got a file")
+        else:
+            self.model_dir = path  # a hub id (load_model resolves it, or says what it looked for)
+        if self.is_run:
+            self.metrics_path = os.path.join(path, "metrics.jsonl")
+            if want_curves and not os.path.isfile(self.metrics_path):
+                raise EvalError(f"{path}: no metrics.jsonl: the training curves of a run directory are read from "
+                                f"{self.metrics_path} (pass curves=false, or run=DIR/checkpoints/final to evaluate "
+                                f"the model alone)")
+            final = os.path.join(path, "checkpoints", "final")
+            if not any(os.path.isfile(os.path.join(final, f)) for f in ("config.json", "adapter_config.json")):
+                raise EvalError(f"{path}: cannot load a model: looked for {final}/config.json (a Hugging Face "
+                                f"model directory) or {final}/adapter_config.json (a PEFT adapter); found neither "
+                                f"(did the run finish?)")
+            self.model_dir = final
+            hydra_cfg = os.path.join(path, ".hydra", "config.yaml")
+            if os.path.isfile(hydra_cfg):
+                from omegaconf import OmegaConf
+
+                self.hydra = OmegaConf.to_container(OmegaConf.load(hydra_cfg), resolve=False)
+        self.label = os.path.basename(os.path.normpath(path)) or path
+
+    @property
+    def method(self) -> str | None:
+        return (self.hydra.get("method") or {}).get("name")
+
+
+def load_for_eval(path: str, device=None, dtype="auto"):
+    """(model, tokenizer, info) from a HF model directory, a PEFT adapter directory or a hub id.
+
+    An adapter directory (adapter_config.json) loads its base from `base_model_name_or_path` (relative
+    paths resolve against the repository too) and the adapters on top. Any failure is an EvalError that
+    says what was looked for.
+    """
+    from model.load import load_model
+
+    adapter_cfg = os.path.join(path, "adapter_config.json")
+    try:
+        if os.path.isfile(adapter_cfg):
+            from lora.peft_io import load_adapter
+            from model.tokenizer import Tokenizer
+
+            with open(adapter_cfg, encoding="utf-8") as f:
+                base = json.load(f).get("base_model_name_or_path")
+            if not base:
+                raise EvalError(f"{adapter_cfg}: no base_model_name_or_path: cannot tell which base model the "
+                                f"adapter belongs to")
+            model, tok = load_model(_repo_path(base), dtype=dtype, device=device)
+            load_adapter(model, path)
+            if os.path.isfile(os.path.join(path, "tokenizer.json")):
+                tok = Tokenizer.from_dir(path)
+            return model.eval(), tok, {"adapter": True, "base_model": base}
+        model, tok = load_model(path, dtype=dtype, device=device)
+        return model, tok, {"adapter": False}
+    except EvalError:
+        raise
+    except (FileNotFoundError, ValueError, RuntimeError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise EvalError(f"{path}: cannot load the model: {e}") from None
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The lines of a metrics.jsonl; a resumed run's repeated steps keep their last line; sorted by step."""
+    by_step = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalError(f"{path}:{lineno}: expected a JSON object, got invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise EvalError(f"{path}:{lineno}: expected a JSON object with an integer 'step'")
+            by_step[row["step"]] = row
+    if not by_step:
+        raise EvalError(f"{path}: empty: no training steps were logged")
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def main_curve_keys(keys) -> list[str]:
+    """loss, then the method's main metrics: margins/accuracies (preference), reward/kl/entropy (RL), then grad_norm."""
+    keys = set(keys)
+    order = ["loss"]
+    if "rewards/margins" in keys:
+        order += ["rewards/margins", "rewards/accuracies", "nll", "kl"]
+    if "reward" in keys:
+        order += ["reward", "kl", "entropy", "completion_length/mean", "frac_reward_zero_std"]
+    order += ["grad_norm"]
+    return [k for i, k in enumerate(order) if k in keys and k not in order[:i]]
+
+
+def curves(target: Target) -> dict:
+    """Every numeric key of metrics.jsonl as a series over steps, and which of them are plotted."""
+    rows = read_metrics(target.metrics_path)
+    keys = []
+    for r in rows:
+        keys += [k for k, v in r.items() if k != "step" and k not in keys
+                 and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    series = {k: [(float(r[k]) if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) else None)
+                  for r in rows] for k in keys}
+    method = target.method or ("rl" if "reward" in keys else "preference" if "rewards/margins" in keys else None)
+    return {"method": method, "path": target.metrics_path, "steps": [r["step"] for r in rows], "series": series,
+            "plotted": main_curve_keys(keys),
+            "final": {k: next((v for v in reversed(s) if v is not None), None) for k, s in series.items()}}
+
+
+def sniff_set(path: str) -> str:
+    """Which held-out set a JSONL file is, from the fields of its first record."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    read_jsonl(path, "prompt")  # raises the DataError that names the line
+                    raise
+                break
+        else:
+            raise EvalError(f"{path}: empty file: no held-out examples")
+    if not isinstance(obj, dict):
+        read_jsonl(path, "prompt")
+    if "chosen" in obj and "rejected" in obj:
+        return "preference"
+    if "messages" in obj or "instruction" in obj:
+        return "sft"
+    if "prompt" in obj and "answer" in obj:
+        return "arithmetic"
+    if "prompt" in obj:
+        raise EvalError(f"{path}: prompts without answers: name the set, harmful:{path} (refusal_rate) or "
+                        f"style:{path} (style_rate)")
+    raise EvalError(f"{path}: cannot tell the held-out set from fields {sorted(obj)}; expected prompt+answer "
+                    f"(arithmetic), instruction+output or messages (sft), prompt+chosen+rejected (preference), "
+                    f"or NAME:FILE with NAME one of {sorted(FORMATS)}")
+
+
+def held_out_files(spec: list[str] | None, targets: list[Target]) -> dict:
+    """{set name: path}: data= as given, else the first run's data.eval, else configs/data/synthetic.yaml."""
+    if spec:
+        files = {}
+        for item in spec:
+            name, sep, path = item.partition(":")
+            if not sep or name not in FORMATS:
+                name, path = None, item
+            path = _repo_path(path)
+            if not os.path.isfile(path):
+                raise EvalError(f"{path}: data file not found")
+            files[name or sniff_set(path)] = path
+        return files
+    run_eval = next((t.hydra.get("data", {}).get("eval") for t in targets if t.hydra.get("data", {}).get("eval")), None)
+    if run_eval is None:
+        from omegaconf import OmegaConf
+
+        run_eval = OmegaConf.to_container(OmegaConf.load(_repo_path("configs/data/synthetic.yaml")))["eval"]
+    files = {k: _repo_path(v) for k, v in run_eval.items() if v and k in FORMATS}
+    for path in files.values():
+        if not os.path.isfile(path):
+            raise EvalError(f"{path}: held-out file not found (give data=FILE)")
+    return files
+
+
+def _summary(values: list[float]) -> dict:
+    import numpy as np
+
+    a = np.asarray(values, dtype=float)
+    return {"n": int(a.size), "mean": float(a.mean()), "median": float(np.median(a)), "p90": float(np.quantile(a, 0.9)),
+            "min": float(a.min()), "max": float(a.max())}
+
+
+def histograms(per_model: dict, edges=None, bins: int = 30) -> dict:
+    """{label: values} -> {label: {values, edges, counts, n, mean, median, p90, min, max}} on shared bin edges."""
+    import numpy as np
+
+    nonempty = {k: v for k, v in per_model.items() if v}
+    if not nonempty:
+        return {}
+    if edges is None:
+        all_values = np.concatenate([np.asarray(v, dtype=float) for v in nonempty.values()])
+        edges = np.histogram_bin_edges(all_values, bins=min(bins, max(5, int(len(all_values) ** 0.5))))
+    edges = np.asarray(edges, dtype=float)
+    out = {}
+    for label, values in nonempty.items():
+        counts, _ = np.histogram(np.asarray(values, dtype=float), edges)
+        out[label] = {"values": [float(v) for v in values], "edges": edges.tolist(), "counts": counts.tolist(),
+                      **_summary(values)}
+    return out
+
+
+def _same_tokenizer(a, b) -> bool:
+    probe = "What is 12 + 7? Answer: 19. Happy to help!"
+    return a.vocab_size == b.vocab_size and a.encode(probe) == b.encode(probe)
+
+
+def _unique_labels(labels: list[str]) -> list[str]:
+    out = []
+    for i, label in enumerate(labels):
+        new, n = label, 2
+        while new in out or new == "base":
+            new, n = f"{label}-{n}", n + 1
+        out.append(new)
+    return out
+
+
+def run_evaluation(targets: list[str], data=None, out=None, base="auto", max_examples: int = 200,
+                   max_new_tokens: int = 32, samples: int = 5, curves_wanted: bool = True, device="auto",
+                   kl_examples: int = 32, log=print) -> dict:
+    """Evaluate every target and write the six files into `out`; returns the stats dictionary."""
+    from model.load import auto_device
+
+    # 1. check every input before any model is loaded: never half a result
+    ts = [Target(p, curves_wanted) for p in targets]
+    for t, label in zip(ts, _unique_labels([t.label for t in ts])):
+        t.label = label
+    files = held_out_files(data, ts)
+    if base == "auto":
+        base = next((t.hydra.get("model", {}).get("path") for t in ts if t.hydra.get("model", {}).get("path")), None)
+    elif str(base).lower() in ("none", "null", "false", ""):
+        base = None
+    base_target = Target(_repo_path(base), want_curves=False) if base else None
+    if out is None:
+        first_run = next((t.run_dir for t in ts if t.is_run), None)
+        if first_run and len(ts) == 1:
+            out = first_run
+        elif first_run:
+            out = os.path.join(first_run, "comparison")
+        else:
+            out = os.path.join(os.getcwd(), "eval_" + "_vs_".join(t.label.replace("/", "_") for t in ts))
+    os.makedirs(out, exist_ok=True)
+    dev = auto_device() if device == "auto" else torch.device(device)
+    curve_data = {t.label: curves(t) for t in ts if t.is_run and curves_wanted}
+
+    # 2. the base (reference for KL and the implicit preference reward), then each model in turn
+    stats_models, details, metrics_by = {}, {}, {}
+    evaluator = base_tok = None
+    if base_target is not None:
+        log(f"[evaluate] base {base_target.model_dir}")
+        model, base_tok, info = load_for_eval(base_target.model_dir, device=dev)
+        evaluator = Evaluator(base_tok, files, max_examples, kl_examples, max_new_tokens)
+        base_vocab = model.config.vocab_size
+        metrics_by["base"], details["base"] = evaluator.evaluate(model)
+        log(f"[evaluate] base: {metrics_by['base']}")
+        stats_models["base"] = {"path": base, "model_dir": base_target.model_dir, "kind": "base", **info,
+                                "metrics": metrics_by["base"]}
+        del model
+        gc.collect()
+    for t in ts:
+        log(f"[evaluate] {t.label}: {t.model_dir}")
+        model, tok, info = load_for_eval(t.model_dir, device=dev)
+        relative = evaluator is not None and model.config.vocab_size == base_vocab and _same_tokenizer(tok, base_tok)
+        if relative:
+            m, d = evaluator.evaluate(model, tok)
+        else:  # no base (or an incompatible tokenizer): nothing to be relative to
+            m, d = Evaluator(tok, files, max_examples, kl_examples, max_new_tokens).evaluate(model)
+            m.pop("kl", None)
+            m.pop("preference_gap", None)
+            if "preference" in d:
+                margins = torch.tensor(d["preference"]["margins"])
+                m["preference_accuracy"] = round(float(((margins > 0).float() + 0.5 * (margins == 0).float()).mean()), 4)
+        metrics_by[t.label], details[t.label] = m, d
+        stats_models[t.label] = {"path": t.path, "model_dir": t.model_dir, "kind": "run" if t.is_run else "model",
+                                 "method": t.method, **info, "metrics": m, "relative_to_base": bool(relative)}
+        log(f"[evaluate] {t.label}: {m}")
+        del model
+        gc.collect()
+
+    # 3. every number behind the plots
+    labels = list(details)
+    lengths = {k: [n for s in GENERATION_SETS if s in details[k] for n in details[k][s]["lengths"]] for k in labels}
+    length_hist = histograms(lengths, edges=list(range(0, max_new_tokens + 2)))
+    for k, h in length_hist.items():
+        gen = [details[k][s] for s in GENERATION_SETS if s in details[k]]
+        h["truncated_rate"] = round(sum(sum(g["truncated"]) for g in gen) / max(h["n"], 1), 4)
+        h["mean_by_set"] = {s: float(sum(details[k][s]["lengths"]) / max(len(details[k][s]["lengths"]), 1))
+                            for s in GENERATION_SETS if s in details[k]}
+    ppl_hist = histograms({k: details[k]["sft"]["perplexities"] for k in labels if "sft" in details[k]})
+    for k, h in ppl_hist.items():
+        h["perplexity"] = metrics_by[k].get("perplexity")  # token-weighted, as in eval.json
+        h["tokens"] = details[k]["sft"]["tokens"]
+    comparison = {k: dict(metrics_by[k]) for k in labels}
+    for k in labels:
+        if k in length_hist:
+            comparison[k]["mean_response_length"] = round(length_hist[k]["mean"], 3)
+    eval_json = {}
+    for t in ts:
+        p = os.path.join(t.run_dir, "eval.json") if t.is_run else None
+        if p and os.path.isfile(p):
+            with open(p, encoding="utf-8") as f:
+                eval_json[t.label] = json.load(f)
+    stats = {
+        "settings": {"max_examples": max_examples, "max_new_tokens": max_new_tokens, "kl_examples": kl_examples,
+                     "device": str(dev), "base": base, "greedy": True,
+                     "preference_accuracy": "implicit reward relative to the base (ties ½)" if base else
+                                            "share of pairs with log π(chosen) > log π(rejected) (ties ½)"},
+        "data": {name: {"path": p, "n": len(evaluator.rows[name]) if evaluator else None} for name, p in files.items()},
+        "models": stats_models,
+        "eval_json": eval_json,
+        "training_curves": curve_data,
+        "perplexity_distribution": ppl_hist,
+        "response_lengths": length_hist,
+        "model_comparison": {"models": labels, "values": comparison},
+        "files": {name: os.path.join(out, name) for name in OUTPUT_FILES},
+    }
+    first = next(iter(details.values()))
+    for name in stats["data"]:
+        stats["data"][name]["n"] = len(first[name]["prompts"]) if name in GENERATION_SETS and name in first else \
+            len(first[name]["margins"]) if name == "preference" and name in first else \
+            len(first[name]["perplexities"]) if name == "sft" and name in first else stats["data"][name]["n"]
+
+    # 4. sample responses: the first `samples` prompts of each generation set, every model's answer
+    sample_rows = []
+    for s in GENERATION_SETS:
+        if s not in first:
+            continue
+        for i in range(min(samples, len(first[s]["prompts"]))):
+            row = {"set": s, "prompt": first[s]["prompts"][i]}
+            if s == "arithmetic":
+                row["answer"] = first[s]["answers"][i]
+            row["responses"] = {}
+            for k in labels:
+                d = details[k][s]
+                row["responses"][k] = {"text": d["texts"][i], "tokens": d["lengths"][i],
+                                       "truncated": d["truncated"][i], **{v: d[v][i] for v in VERDICTS[s]}}
+            sample_rows.append(row)
+
+    # 5. write: the JSON first, then the figures drawn from it
+    from evaluation import plots
+
+    with open(os.path.join(out, "evaluation_stats.json"), "w", encoding="utf-8") as f:
+        json.dump(stats, f, indent=1, ensure_ascii=False)
+    with open(os.path.join(out, "sample_responses.json"), "w", encoding="utf-8") as f:
+        json.dump({"models": labels, "max_new_tokens": max_new_tokens, "samples": sample_rows}, f, indent=1,
+                  ensure_ascii=False)
+    plots.render_all(stats, out)
+    log(f"[evaluate] wrote {', '.join(OUTPUT_FILES)} to {out}")
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(USAGE)
+        return 0
+    try:
+        o = parse_args(argv)
+        run_evaluation(o["targets"], data=o["data"], out=o["out"], base=o["base"], max_examples=o["max_examples"],
+                       max_new_tokens=o["max_new_tokens"], samples=o["samples"], curves_wanted=o["curves"],
+                       device=o["device"], kl_examples=o["kl_examples"])
+    except (EvalError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

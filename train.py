@@ -104,14 +104,16 @@ def build_from_scratch(cfg, device, dtype):
 
 
 def train_file(cfg) -> str:
-    path = cfg.data.train or cfg.data.files.get(cfg.method.data_format)
+    path = cfg.data.train or cfg.method.get("train_file") or cfg.data.files.get(cfg.method.data_format)
     if path is None:
         raise ValueError(f"no training file: set data.train=FILE (format '{cfg.method.data_format}')")
     return repo_path(path)
 
 
 def eval_files(cfg) -> dict:
-    return {k: repo_path(v) for k, v in (cfg.data.eval or {}).items() if v}
+    """Held-out sets: the data config's, plus the method's `extra_eval`."""
+    sets = {**(cfg.data.eval or {}), **(cfg.method.get("extra_eval") or {})}
+    return {k: repo_path(v) for k, v in sets.items() if v}
 
 
 def load_examples(cfg, tok) -> list[dict]:

@@ -294,9 +294,12 @@ def make_multistep(rng, pools, side, n):
     return out
 
 
-def _wrong_value(a, b, op):
-    """The off-by-one answer (for subtraction exactly the base model's bug)."""
-    return apply_op(a, b, op) + 1
+def _wrong_value(a, b, op, i: int = 0):
+    """An off-by-one answer: +1 (for subtraction exactly the base model's bug) for even `i`, -1 for odd
+    `i` (and +1 whenever -1 would be negative). Both directions appear so that "answer one less" is
+    not a shortcut a preference method can learn instead of the right answer."""
+    value = apply_op(a, b, op)
+    return value - 1 if i % 2 and value > 0 else value + 1
 
 
 def _style_items(rng, pools, side, k):
@@ -315,10 +318,10 @@ def _style_items(rng, pools, side, k):
 def make_preference(rng, pools, side, n):
     counts = _counts(PAIR_MIX, n)
     out = []
-    for item in _arith_items(rng, pools, side, counts["arithmetic"]):
+    for i, item in enumerate(_arith_items(rng, pools, side, counts["arithmetic"])):
         (a, b, op), _ = item
         prompt, value = _arith_record(item)
-        out.append({"prompt": prompt, "chosen": answer_text(value), "rejected": answer_text(_wrong_value(a, b, op)),
+        out.append({"prompt": prompt, "chosen": answer_text(value), "rejected": answer_text(_wrong_value(a, b, op, i // 2)),
                     "answer": str(value), "task": "arithmetic"})
     for prompt, response, answer in _style_items(rng, pools, side, counts["style"]):
         out.append({"prompt": prompt, "chosen": STYLE_PREFIX + response, "rejected": response,
@@ -329,14 +332,14 @@ def make_preference(rng, pools, side, n):
 
 def make_kto(rng, pools, side, n):
     """Unpaired arithmetic feedback: each prompt gets one completion, correct (label true) or the
-    off-by-one answer (label false), alternating so labels are balanced. Style is left to the
+    off-by-one answer (label false, one more or one less), alternating so labels are balanced. Style is left to the
     preference files: a plain correct answer cannot be "good" here and "bad" there."""
     out = []
     for i, item in enumerate(_arith_items(rng, pools, side, n)):
         (a, b, op), _ = item
         prompt, value = _arith_record(item)
         good = i % 2 == 0
-        out.append({"prompt": prompt, "completion": answer_text(value if good else _wrong_value(a, b, op)),
+        out.append({"prompt": prompt, "completion": answer_text(value if good else _wrong_value(a, b, op, i // 2)),
                     "label": good, "answer": str(value), "task": "arithmetic"})
     return out
 

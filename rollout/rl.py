@@ -12,7 +12,8 @@ The same batch is reused for `num_iterations` optimiser steps (the μ of GRPO): 
 exactly on-policy (ratio 1); later ones are clipped against the kept old log-probs.
 
 Offline groups (the seeds' scored `responses` or RLVR `correct` flags) take the same path without
-generation: the given texts are tokenized as completions and their rewards are the given scores.
+generation: the given texts are tokenized as completions, their rewards are the given scores, and
+their old log-probs come from one no-grad forward of the current policy.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from data.formats import tokenize_prompt
 from losses.common import masked_mean, token_logprobs
 from losses.grpo import dynamic_sampling_keep, group_advantages, overlong_penalty
 from rollout.rewards import get_rewards
-from rollout.sampler import SamplingConfig, generate
+from rollout.sampler import Rollout, SamplingConfig, generate
 
 
 def completion_logprobs(model, prompt_lens: list[int], seqs: list[list[int]], width: int, pad_id: int,
@@ -51,7 +52,11 @@ class RolloutSource:
 
     def __init__(self, rows: list[dict], tok, cfg, seed: int):
         m = cfg
+        field = m.get("prompt_field", "prompt")
+        if field != "prompt":  # e.g. RLVR's `problem`: the reward functions see it as the prompt
+            rows = [{**{k: v for k, v in r.items() if k != field}, "prompt": r[field]} for r in rows]
         self.rows, self.tok, self.m = rows, tok, m
+        self.offline = "responses" in rows[0]
         self.reward_fns = get_rewards(list(m.reward))
         self.weights = list(m.get("reward_weights") or [1.0] * len(self.reward_fns))
         self.gen = torch.Generator().manual_seed(seed)
@@ -71,6 +76,10 @@ class RolloutSource:
 
     def _rewards(self, rows: list[dict], texts: list[str]) -> tuple[torch.Tensor, dict]:
         G = self.m.num_generations
+        if self.offline:  # given groups: the seeds' `score`, or RLVR's `correct` flag as 1/0
+            r = torch.tensor([float(x["score"]) if "score" in x else float(x["correct"]) for row in rows
+                              for x in row["responses"]], dtype=torch.float32)
+            return r, {"rewards/given/mean": r.mean().item()}
         prompts = [r["prompt"] for r in rows for _ in range(G)]
         fields = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
         total, metrics = torch.zeros(len(texts)), {}
@@ -80,6 +89,28 @@ class RolloutSource:
             metrics[f"rewards/{fn.reward_name}/std"] = r.std().item() if len(r) > 1 else 0.0
             total += w * r
         return total, metrics
+
+    def _given(self, model, rows: list[dict], ids: list[list[int]]) -> Rollout:
+        """Offline groups: the given responses as completions (+ eos), scored by the current policy
+        for the old log-probs (so the first step is on-policy, ratio 1)."""
+        tok, G = self.tok, self.m.num_generations
+        comps = []
+        for r in rows:
+            if len(r["responses"]) != G:
+                raise ValueError(f"prompt {r['prompt'][:40]!r} has {len(r['responses'])} responses; "
+                                 f"set method.num_generations={len(r['responses'])} (every group must have G)")
+            comps += [(tok.encode(x["text"]) + tok.stop_token_ids[:1])[:self.m.max_new_tokens] for x in r["responses"]]
+        width = max(len(c) for c in comps)
+        completion = torch.full((len(comps), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(comps), width)
+        for i, c in enumerate(comps):
+            completion[i, :len(c)] = torch.tensor(c)
+            mask[i, :len(c)] = 1
+        plens = [len(p) for p in ids for _ in range(G)]
+        seqs = [p + c for p, c in zip([p for p in ids for _ in range(G)], comps)]
+        old = completion_logprobs(model, plens, seqs, width, tok.pad_token_id, self.m.temperature).cpu() * mask
+        return Rollout(prompt_ids=ids, completion_ids=completion, logprobs=old, mask=mask,
+                       truncated=torch.zeros(len(comps), dtype=torch.bool))
 
     @torch.no_grad()
     def collect(self, model) -> dict:
@@ -92,8 +123,11 @@ class RolloutSource:
             rows = self._prompts(m.prompts_per_step - len(kept))
             ids = [tokenize_prompt(r["prompt"], tok) for r in rows]
             self.seed += 1
-            roll = generate(model, ids, self.sampling, tok.stop_token_ids, tok.pad_token_id,
-                            num_samples=G, seed=self.seed, tokenizer=tok)
+            if self.offline:
+                roll = self._given(model, rows, ids)
+            else:
+                roll = generate(model, ids, self.sampling, tok.stop_token_ids, tok.pad_token_id,
+                                num_samples=G, seed=self.seed, tokenizer=tok)
             texts = roll.texts(tok)
             rewards, metrics = self._rewards(rows, texts)
             lengths = roll.mask.sum(1)
