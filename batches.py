@@ -6,6 +6,7 @@ A method is a loss file plus a config. The config names the loss (`loss: dpo` ->
   tokens    one sequence per example (SFT, pretraining)      -> logps, mask
   pairs     prompt + chosen + rejected (DPO, ORPO, CPO, SimPO) -> policy_chosen_logps, policy_rejected_logps,
             chosen_mask, rejected_mask (+ ref_chosen_logps, ref_rejected_logps with a reference)
+  reward_pairs  prompt + chosen + rejected for a reward model -> chosen_rewards, rejected_rewards
   unpaired  prompt + completion + label (KTO)                -> policy_logps, mask, labels, kl_* (+ ref_logps)
   rollouts  prompts sampled on-line (GRPO family)            -> see rollout/rl.py
 
@@ -23,8 +24,9 @@ import torch
 
 from data.formats import collate, load_dataset, read_jsonl, tokenize_pair
 from losses.common import sequence_logprobs
+from losses.reward import sequence_rewards
 
-KINDS = ("tokens", "pairs", "unpaired", "rollouts")
+KINDS = ("tokens", "pairs", "reward_pairs", "unpaired", "rollouts")
 
 
 def resolve_loss(name: str):
@@ -48,7 +50,7 @@ def load_examples(path: str, kind: str, fmt: str, tok, max_length: int) -> list[
         return load_dataset(path, fmt, tok, max_length)[0]
     if kind == "rollouts":  # prompts (+ the columns the rewards read); tokenized when sampled
         return read_jsonl(path, fmt)
-    if kind == "pairs":
+    if kind in ("pairs", "reward_pairs"):
         rows = read_jsonl(path, "preference")
         out = [{"chosen": tokenize_pair(r["prompt"], r["chosen"], tok, max_length),
                 "rejected": tokenize_pair(r["prompt"], r["rejected"], tok, max_length)} for r in rows]
@@ -120,6 +122,12 @@ def loss_inputs(kind: str, model, ref, examples: list[dict], tok, device) -> tup
             r = _ref_logps(ref, seqs, tok, device)
             inputs.update(ref_chosen_logps=r[:B], ref_rejected_logps=r[B:])
         return inputs, ntok
+    if kind == "reward_pairs":  # a reward model: the scalar head on each sequence's last real token
+        seqs = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
+        b = _to(collate(seqs, tok.pad_token_id), device)
+        r = sequence_rewards(model, lambda h: model.score(h).squeeze(-1), b["input_ids"], b["attention_mask"])
+        B = len(examples)
+        return {"chosen_rewards": r[:B], "rejected_rewards": r[B:]}, int(b["attention_mask"].sum())
     if kind == "unpaired":
         seqs = [e["seq"] for e in examples]
         logps, mask, ntok = _logps(model, seqs, tok, device)

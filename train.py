@@ -33,7 +33,7 @@ from data.formats import DataError, read_jsonl
 from evaluate import Evaluator, check_gates
 from lora.inject import adapters_disabled, apply_adapters, export_merged
 from lora.peft_io import save_adapter
-from model.load import auto_device, load_model, resolve_dtype, save_model
+from model.load import add_score_head, auto_device, load_model, resolve_dtype, save_model
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -170,6 +170,23 @@ def make_reference(model, cfg, adapters: bool):
     return ref
 
 
+@torch.no_grad()
+def reward_accuracy(model, tok, cfg, device) -> dict:
+    """Held-out pairwise accuracy of a reward model: share of pairs scored chosen > rejected."""
+    path = repo_path(cfg.data.eval.get("preference"))
+    if path is None:
+        raise ValueError("method=reward needs a held-out preference set (data.eval.preference=FILE)")
+    examples = batches.load_examples(path, "reward_pairs", "preference", tok, cfg.data.max_length)[:cfg.eval_max_examples]
+    was_training = model.training
+    model.eval()
+    wins = []
+    for i in range(0, len(examples), 32):
+        inputs, _ = batches.loss_inputs("reward_pairs", model, None, examples[i:i + 32], tok, device)
+        wins += (inputs["chosen_rewards"] > inputs["rejected_rewards"]).tolist()
+    model.train(was_training)
+    return {"preference_accuracy": round(sum(wins) / len(wins), 4)}
+
+
 def train_loop(model, ref, tok, examples, cfg, run_dir, device):
     """The optimisation loop every method shares. Returns the number of optimiser steps taken.
 
@@ -270,12 +287,18 @@ def run(cfg: DictConfig) -> dict:
     print(f"[posttrain] {cfg.method.name} on {device} ({dtype}); run dir {run_dir}")
 
     examples = load_examples(cfg, tok)
+    if cfg.method.get("kind") == "reward_pairs" and not hasattr(model, "score"):
+        add_score_head(model)
+        torch.nn.init.normal_(model.score.weight, std=model.config.hidden_size ** -0.5)
+        model.score.to(device=device, dtype=dtype)
     ref = make_reference(model, cfg, adapters)
     if ref is not None and cfg.method.get("precompute_ref"):
         batches.precompute_reference(ref, examples, cfg.method.kind, tok, device)
         ref = None  # the log-probs live in the examples now; the copy's memory is freed
     results = {}
     evaluator = Evaluator(tok, eval_files(cfg), cfg.eval_max_examples)
+    if cfg.method.get("kind") == "reward_pairs":  # a reward model is judged on held-out pairs, not by generating
+        evaluator = lambda model: reward_accuracy(model, tok, cfg, device)  # noqa: E731
     if cfg.eval_before:
         results["before"] = evaluator(model)
         print(f"[posttrain] before: {results['before']}")

@@ -62,6 +62,21 @@ def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
                             f"(only safetensors checkpoints are read)")
 
 
+def is_reward_model(config: ModelConfig) -> bool:
+    """A `*ForSequenceClassification` checkpoint with one label: the transformer plus a scalar `score` head."""
+    return any(a.endswith("ForSequenceClassification") for a in config.raw.get("architectures") or [])
+
+
+def add_score_head(model: Transformer) -> None:
+    """Attach HF's sequence-classification head (`score.weight`, one label) and mark the config so that
+    save_model writes a checkpoint AutoModelForSequenceClassification loads."""
+    c = model.config
+    model.score = torch.nn.Linear(c.hidden_size, 1, bias=False)
+    family = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[c.model_type]
+    c.raw.update(architectures=[f"{family}ForSequenceClassification"], id2label={"0": "LABEL_0"},
+                 label2id={"LABEL_0": 0})
+
+
 def load_model(path_or_id: str, dtype="auto", device=None, with_tokenizer: bool = True):
     """(model, tokenizer) from a HF directory or hub id. tokenizer is None when with_tokenizer=False."""
     directory = resolve_model_dir(path_or_id)
@@ -73,6 +88,8 @@ def load_model(path_or_id: str, dtype="auto", device=None, with_tokenizer: bool 
     device = torch.device(device) if device is not None else auto_device()
     with torch.device("meta"):
         model = Transformer(config)
+        if is_reward_model(config):
+            add_score_head(model)
     state = read_state_dict(directory)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # some tools write the tied copy too

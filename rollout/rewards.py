@@ -210,3 +210,33 @@ def code(prompts, completions, timeout: float = 5.0, memory_mb: int = 256, **fie
 
 
 code.last_results = []
+
+
+# ----------------------------------------------------------------------------- a trained reward model
+def reward_model_reward(path: str, device=None, batch_size: int = 32) -> RewardFn:
+    """A reward function scoring (prompt, completion) with a reward model saved by `method=reward`
+    (a *ForSequenceClassification checkpoint): the scalar head on the last token of the chat."""
+    import torch
+
+    from data.formats import collate, tokenize_pair
+    from losses.reward import sequence_rewards
+    from model.load import load_model
+
+    model, tok = load_model(path, dtype="fp32", device=device)
+    if not hasattr(model, "score"):
+        raise ValueError(f"{path}: not a reward model (config.json architectures should end in ForSequenceClassification)")
+    dev = model.score.weight.device
+
+    @torch.no_grad()
+    def reward_model(prompts, completions, **fields) -> list[float]:
+        _check(prompts, completions)
+        out = []
+        for i in range(0, len(completions), batch_size):
+            seqs = [tokenize_pair(p, c, tok, None) for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
+            b = collate(seqs, tok.pad_token_id)
+            out += sequence_rewards(model, lambda h: model.score(h).squeeze(-1), b["input_ids"].to(dev),
+                                    b["attention_mask"].to(dev)).tolist()
+        return out
+
+    reward_model.reward_name = "reward_model"
+    return reward_model

@@ -24,7 +24,7 @@ import torch
 from data.formats import tokenize_prompt
 from losses.common import masked_mean, token_logprobs
 from losses.grpo import dynamic_sampling_keep, group_advantages, overlong_penalty
-from rollout.rewards import get_rewards
+from rollout.rewards import get_rewards, reward_model_reward
 from rollout.sampler import Rollout, SamplingConfig, generate
 
 
@@ -57,7 +57,8 @@ class RolloutSource:
             rows = [{**{k: v for k, v in r.items() if k != field}, "prompt": r[field]} for r in rows]
         self.rows, self.tok, self.m = rows, tok, m
         self.offline = "responses" in rows[0]
-        self.reward_fns = get_rewards(list(m.reward))
+        self.reward_fns = [reward_model_reward(m.reward_model) if name == "reward_model" else get_rewards([name])[0]
+                           for name in m.reward]
         self.weights = list(m.get("reward_weights") or [1.0] * len(self.reward_fns))
         self.gen = torch.Generator().manual_seed(seed)
         self.order, self.cursor, self.seed = [], 0, seed

@@ -62,3 +62,24 @@ def test_preference_run_logs_reward_metrics_and_reports_gates(tmp_path, method, 
     assert set(ev["gates"]) == {"preference_gap", "kl"}
     assert all(isinstance(g["pass"], bool) for g in ev["gates"].values())
     assert "gate kl:" in out.stdout
+
+
+def test_reward_model_run_saves_a_sequence_classification_checkpoint(tmp_path):
+    run_dir, _ = run_train(tmp_path, "method=reward", "method.max_steps=2", "method.batch_size=4")
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert 0.0 <= ev["after"]["preference_accuracy"] <= 1.0
+    from losses.reward import sequence_rewards
+    from model.load import load_model
+
+    final = str(run_dir / "checkpoints" / "final")
+    model, tok = load_model(final, dtype="fp32", device="cpu")
+    assert hasattr(model, "score")  # detected from config.json's *ForSequenceClassification
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "What is 3 + 4?"},
+                                                 {"role": "assistant", "content": "Answer: 7"}], tokenize=True)])
+    with torch.no_grad():
+        ours = sequence_rewards(model, lambda h: model.score(h).squeeze(-1), ids, torch.ones_like(ids))
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(final).float().eval()
+    with torch.no_grad():
+        theirs = hf(ids).logits[:, 0]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
