@@ -4,14 +4,14 @@
 (per token, per sequence, per group) by which of them it calls and over which dimension.
 
 `token_logprobs` gathers log p(label) from the final hidden states without ever holding the
-batch x length x vocab fp32 logits: tokens are projected in chunks, each chunk's logits live only
-inside a checkpointed function, and backward recomputes them chunk by chunk. With a 150k
-vocabulary that is the difference between gigabytes and a few hundred megabytes.
+batch x length x vocab fp32 logits: tokens are projected in chunks, a custom autograd function keeps
+only the log-normaliser per token, and backward rebuilds each chunk's softmax and writes the
+gradient onehot − softmax directly (no autograd graph over the logits). With a 150k vocabulary that
+is the difference between gigabytes and a few hundred megabytes.
 """
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 # ~64M fp32 logits (256 MB) per chunk at most
 CHUNK_ELEMENTS = 2**26
@@ -28,18 +28,66 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1)
 
 
-def _chunk_logprobs(h, weight, labels, temperature: float, with_entropy: bool):
+def _chunk_logits(h, weight, temperature: float):
     logits = h @ weight.t()
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # log-softmax in at least fp32
-    if temperature != 1.0:
-        logits = logits / temperature
-    logz = logits.logsumexp(-1)
-    logp = logits.gather(-1, labels[:, None]).squeeze(-1) - logz
-    if not with_entropy:
-        return logp, logp.new_zeros(())
-    probs = (logits - logz[:, None]).exp()
-    return logp, logz - (probs * logits).sum(-1)
+    return logits / temperature if temperature != 1.0 else logits
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log p(label) per row of h (N, H) under softmax(h W^T / T), chunked over rows.
+
+    Forward keeps, per chunk, only logz (N,) — or, when everything fits in one chunk, the softmax
+    itself (in the logits' own buffer, within the CHUNK_ELEMENTS budget). Backward rebuilds each
+    chunk's softmax and applies d logp / d logits = onehot(label) − softmax directly, so no autograd
+    graph of the N x V logits is ever kept and the lm_head matmul is recomputed at most once.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, temperature, chunk, with_entropy):
+        logps, logzs, ents, probs = [], [], [], None
+        single = h.shape[0] <= chunk
+        for i in range(0, h.shape[0], chunk):
+            logits = _chunk_logits(h[i:i + chunk], weight, temperature)
+            logz = logits.logsumexp(-1)
+            logps.append(logits.gather(-1, labels[i:i + chunk, None]).squeeze(-1) - logz)
+            logzs.append(logz)
+            p = logits.sub_(logz[:, None]).exp_()  # softmax, in place of the logits
+            if with_entropy:  # H = -sum p log p, with log p = log(p) read back from the buffer
+                ents.append(-(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(-1))
+            if single:
+                probs = p
+        ctx.save_for_backward(h, weight, labels, torch.cat(logzs))
+        ctx.probs, ctx.temperature, ctx.chunk = probs, temperature, chunk
+        logp = torch.cat(logps)
+        ent = torch.cat(ents) if with_entropy else logp.new_zeros(())
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g, _g_ent):
+        h, weight, labels, logz = ctx.saved_tensors
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device) if ctx.needs_input_grad[1] else None
+        c = ctx.chunk
+        for i in range(0, h.shape[0], c):
+            hc = h[i:i + c]
+            if ctx.probs is not None:
+                p = ctx.probs
+            else:
+                p = _chunk_logits(hc, weight, ctx.temperature).sub_(logz[i:i + c, None]).exp_()
+            gc = g[i:i + c].to(p.dtype)
+            grad = p.mul_(-gc[:, None])  # d/dlogits of g * (logits[label] - logz) = g * (onehot - p)
+            grad.scatter_add_(-1, labels[i:i + c, None], gc[:, None])
+            if ctx.temperature != 1.0:
+                grad = grad / ctx.temperature
+            if grad_h is not None:
+                grad_h[i:i + c] = (grad.to(weight.dtype) @ weight).to(h.dtype)
+            if grad_w is not None:
+                grad_w += grad.t() @ hc.to(grad.dtype)
+        ctx.probs = None
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -47,25 +95,16 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     """log p(labels) for hidden (B, T, H) projected by weight (V, H); returns (B, T) fp32.
 
     With `with_entropy=True` returns (logp, entropy) where entropy is the full-distribution
-    entropy per position (useful as an RL metric). Logits never exist for more than
+    entropy per position (a metric: it carries no gradient). Logits never exist for more than
     `chunk_tokens` positions at a time (default: as many as fit in CHUNK_ELEMENTS).
     """
     B, T, H = hidden.shape
-    flat_h, flat_y = hidden.reshape(-1, H), labels.reshape(-1)
     n = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    logps, ents = [], []
-    for i in range(0, flat_h.shape[0], n):
-        args = (flat_h[i:i + n], weight, flat_y[i:i + n], temperature, with_entropy)
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprobs(*args)
-        logps.append(lp)
-        ents.append(ent)
-    logp = torch.cat(logps).view(B, T)
+    logp, ent = _TokenLogprobs.apply(hidden.reshape(-1, H), weight, labels.reshape(-1), float(temperature), n,
+                                     with_entropy)
     if with_entropy:
-        return logp, torch.cat(ents).view(B, T)
-    return logp
+        return logp.view(B, T), ent.view(B, T)
+    return logp.view(B, T)
 
 
 def sequence_logprobs(model, input_ids, loss_mask, attention_mask=None, temperature: float = 1.0):

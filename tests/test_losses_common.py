@@ -68,3 +68,17 @@ def test_sft_loss_is_per_token_mean_nll():
     expected = -(logp * mask).sum() / mask.sum()
     assert abs(loss.item() - expected) < 1e-12
     assert metrics["trained_tokens"].item() == mask.sum()
+
+
+def test_gradients_with_temperature_and_weighting_match_plain_autograd():
+    g = torch.Generator().manual_seed(3)
+    h0, w0 = torch.randn(2, 6, 8, generator=g, dtype=torch.float64), torch.randn(30, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 30, (2, 6), generator=g)
+    coef = torch.randn(2, 6, generator=g, dtype=torch.float64)  # a non-uniform upstream gradient
+    for chunk in (5, None):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        (token_logprobs(h, w, y, temperature=0.7, chunk_tokens=chunk) * coef).sum().backward()
+        h2, w2 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        (torch.log_softmax(h2 @ w2.T / 0.7, -1).gather(-1, y[..., None]).squeeze(-1) * coef).sum().backward()
+        torch.testing.assert_close(h.grad, h2.grad)
+        torch.testing.assert_close(w.grad, w2.grad)
