@@ -9,6 +9,19 @@ Each held-out set gives the metrics beside it (configs/data/*.yaml `eval:`):
   preference  {"prompt","chosen","rejected"} -> preference_accuracy against the starting model
 Generations are greedy, on the project's KV-cached sampler, and scored by the same verifiers
 the RL rewards use (rollout/verifiers.py), so "accuracy" means one thing everywhere.
+
+As a command line it evaluates runs and models side by side and writes a report:
+
+    python evaluate.py run=runs/dpo/DIR                      # a run directory (or a model dir / hub id)
+    python evaluate.py run=A compare=[B,C] out=report/       # several, side by side
+    python evaluate.py run=Qwen/Qwen3-0.6B data=held_out.jsonl base=none max_examples=100
+
+-> training_curves.png (metrics.jsonl), perplexity_distribution.png, response_lengths.png,
+   model_comparison.png, evaluation_stats.json (every number behind the plots, which are drawn from it
+   by evaluation/plots.py) and sample_responses.json (each model's answer to the same prompts), written
+   into the run directory (a comparison: DIR/comparison/) unless out= is given. KL and the implicit
+   preference reward are measured against `base` (default: the model the first run started from, read
+   from its .hydra/config.yaml; base=none for absolute numbers). Bad input is one line on stderr, exit 1.
 """
 from __future__ import annotations
 
@@ -81,6 +94,11 @@ def example_nlls(model, tok, examples: list[dict], max_length: int = 256, batch_
 def _rate(flags) -> float:
     flags = list(flags)
     return round(sum(flags) / max(len(flags), 1), 4)
+
+
+def _pair_accuracy(margins: torch.Tensor) -> float:
+    """Share of pairs with a positive margin, ties counted ½."""
+    return round(float(((margins > 0).float() + 0.5 * (margins == 0).float()).mean()), 4)
 
 
 @torch.no_grad()
@@ -157,10 +175,14 @@ class Evaluator:
             metrics["format_rate"] = _rate(d["format"])
         if "multistep" in rows:
             ms = rows["multistep"]
-            texts = generate_texts(model, tok, [r["problem"] for r in ms], max_new_tokens=48)
-            metrics["multistep_accuracy"] = _rate(is_correct(t, str(r["answer"])) for t, r in zip(texts, ms))
-            scores = process([r["problem"] for r in ms], texts, answer=[str(r["answer"]) for r in ms])
-            metrics["process_score"] = round(sum(scores) / max(len(scores), 1), 4)
+            prompts = [r["problem"] for r in ms]
+            texts, lengths, truncated = generate_with_lengths(model, tok, prompts, max(48, self.max_new_tokens))
+            d = details["multistep"] = {"prompts": prompts, "texts": texts, "lengths": lengths, "truncated": truncated,
+                                        "answers": [str(r["answer"]) for r in ms]}
+            d["correct"] = [is_correct(t, a) for t, a in zip(texts, d["answers"])]
+            d["process_score"] = process(prompts, texts, answer=d["answers"])
+            metrics["multistep_accuracy"] = _rate(d["correct"])
+            metrics["process_score"] = round(sum(d["process_score"]) / max(len(d["process_score"]), 1), 4)
         if "style" in rows:
             d = details["style"] = self._generations(model, tok, "style")
             d["styled"] = [is_styled(t) for t in d["texts"]]
@@ -174,7 +196,7 @@ class Evaluator:
             if self.start_margins is None:
                 self.start_margins = margins
             implicit = margins - self.start_margins
-            metrics["preference_accuracy"] = round(float(((implicit > 0).float() + 0.5 * (implicit == 0).float()).mean()), 4)
+            metrics["preference_accuracy"] = _pair_accuracy(implicit)
             metrics["preference_gap"] = round(float(implicit.mean()), 4)
             details["preference"] = {"margins": margins.tolist(), "implicit_margins": implicit.tolist()}
         if "sft" in rows:
@@ -228,8 +250,9 @@ KEYS = ("run", "compare", "data", "out", "base", "max_examples", "max_new_tokens
         "kl_examples")
 OUTPUT_FILES = ("training_curves.png", "perplexity_distribution.png", "response_lengths.png", "model_comparison.png",
                 "evaluation_stats.json", "sample_responses.json")
-GENERATION_SETS = ("arithmetic", "style", "harmful")
-VERDICTS = {"arithmetic": ("correct", "format"), "style": ("styled",), "harmful": ("refusal",)}
+GENERATION_SETS = ("arithmetic", "multistep", "style", "harmful")
+VERDICTS = {"arithmetic": ("correct", "format"), "multistep": ("correct", "process_score"), "style": ("styled",),
+            "harmful": ("refusal",)}
 
 
 class EvalError(Exception):
@@ -323,7 +346,10 @@ class Target:
                 from omegaconf import OmegaConf
 
                 self.hydra = OmegaConf.to_container(OmegaConf.load(hydra_cfg), resolve=False)
-        self.label = os.path.basename(os.path.normpath(path)) or path
+        parts = os.path.normpath(path).split(os.sep)
+        if len(parts) >= 3 and parts[-2:] == ["checkpoints", "final"]:  # RUN/checkpoints/final -> RUN
+            parts = parts[:-2]
+        self.label = parts[-1] or path
 
     @property
     def method(self) -> str | None:
@@ -430,12 +456,14 @@ def sniff_set(path: str) -> str:
         return "sft"
     if "prompt" in obj and "answer" in obj:
         return "arithmetic"
+    if "problem" in obj and "answer" in obj:
+        return "multistep"
     if "prompt" in obj:
         raise EvalError(f"{path}: prompts without answers: name the set, harmful:{path} (refusal_rate) or "
                         f"style:{path} (style_rate)")
     raise EvalError(f"{path}: cannot tell the held-out set from fields {sorted(obj)}; expected prompt+answer "
-                    f"(arithmetic), instruction+output or messages (sft), prompt+chosen+rejected (preference), "
-                    f"or NAME:FILE with NAME one of {sorted(FORMATS)}")
+                    f"(arithmetic), problem+answer (multistep), instruction+output or messages (sft), "
+                    f"prompt+chosen+rejected (preference), or NAME:FILE with NAME one of {sorted(FORMATS)}")
 
 
 def held_out_files(spec: list[str] | None, targets: list[Target]) -> dict:
@@ -516,6 +544,7 @@ def run_evaluation(targets: list[str], data=None, out=None, base="auto", max_exa
     for t, label in zip(ts, _unique_labels([t.label for t in ts])):
         t.label = label
     files = held_out_files(data, ts)
+    n_examples = {name: len(read_jsonl(path, FORMATS[name])[:max_examples]) for name, path in files.items()}
     if base == "auto":
         base = next((t.hydra.get("model", {}).get("path") for t in ts if t.hydra.get("model", {}).get("path")), None)
     elif str(base).lower() in ("none", "null", "false", ""):
@@ -529,9 +558,9 @@ def run_evaluation(targets: list[str], data=None, out=None, base="auto", max_exa
             out = os.path.join(first_run, "comparison")
         else:
             out = os.path.join(os.getcwd(), "eval_" + "_vs_".join(t.label.replace("/", "_") for t in ts))
+    curve_data = {t.label: curves(t) for t in ts if t.is_run and curves_wanted}
     os.makedirs(out, exist_ok=True)
     dev = auto_device() if device == "auto" else torch.device(device)
-    curve_data = {t.label: curves(t) for t in ts if t.is_run and curves_wanted}
 
     # 2. the base (reference for KL and the implicit preference reward), then each model in turn
     stats_models, details, metrics_by = {}, {}, {}
@@ -559,7 +588,7 @@ def run_evaluation(targets: list[str], data=None, out=None, base="auto", max_exa
             m.pop("preference_gap", None)
             if "preference" in d:
                 margins = torch.tensor(d["preference"]["margins"])
-                m["preference_accuracy"] = round(float(((margins > 0).float() + 0.5 * (margins == 0).float()).mean()), 4)
+                m["preference_accuracy"] = _pair_accuracy(margins)
         metrics_by[t.label], details[t.label] = m, d
         stats_models[t.label] = {"path": t.path, "model_dir": t.model_dir, "kind": "run" if t.is_run else "model",
                                  "method": t.method, **info, "metrics": m, "relative_to_base": bool(relative)}
@@ -570,7 +599,8 @@ def run_evaluation(targets: list[str], data=None, out=None, base="auto", max_exa
     # 3. every number behind the plots
     labels = list(details)
     lengths = {k: [n for s in GENERATION_SETS if s in details[k] for n in details[k][s]["lengths"]] for k in labels}
-    length_hist = histograms(lengths, edges=list(range(0, max_new_tokens + 2)))
+    longest = max([max_new_tokens] + [n for v in lengths.values() for n in v])
+    length_hist = histograms(lengths, edges=list(range(0, longest + 2)))  # one bin per token count
     for k, h in length_hist.items():
         gen = [details[k][s] for s in GENERATION_SETS if s in details[k]]
         h["truncated_rate"] = round(sum(sum(g["truncated"]) for g in gen) / max(h["n"], 1), 4)
@@ -595,29 +625,24 @@ def run_evaluation(targets: list[str], data=None, out=None, base="auto", max_exa
                      "device": str(dev), "base": base, "greedy": True,
                      "preference_accuracy": "implicit reward relative to the base (ties ½)" if base else
                                             "share of pairs with log π(chosen) > log π(rejected) (ties ½)"},
-        "data": {name: {"path": p, "n": len(evaluator.rows[name]) if evaluator else None} for name, p in files.items()},
+        "data": {name: {"path": p, "n": n_examples[name]} for name, p in files.items()},
         "models": stats_models,
         "eval_json": eval_json,
         "training_curves": curve_data,
         "perplexity_distribution": ppl_hist,
         "response_lengths": length_hist,
-        "model_comparison": {"models": labels, "values": comparison},
+        "model_comparison": {"models": labels, "values": comparison, "examples": n_examples},
         "files": {name: os.path.join(out, name) for name in OUTPUT_FILES},
     }
-    first = next(iter(details.values()))
-    for name in stats["data"]:
-        stats["data"][name]["n"] = len(first[name]["prompts"]) if name in GENERATION_SETS and name in first else \
-            len(first[name]["margins"]) if name == "preference" and name in first else \
-            len(first[name]["perplexities"]) if name == "sft" and name in first else stats["data"][name]["n"]
 
     # 4. sample responses: the first `samples` prompts of each generation set, every model's answer
-    sample_rows = []
+    first, sample_rows = next(iter(details.values())), []
     for s in GENERATION_SETS:
         if s not in first:
             continue
         for i in range(min(samples, len(first[s]["prompts"]))):
             row = {"set": s, "prompt": first[s]["prompts"][i]}
-            if s == "arithmetic":
+            if "answers" in first[s]:
                 row["answer"] = first[s]["answers"][i]
             row["responses"] = {}
             for k in labels:
@@ -650,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
                        max_new_tokens=o["max_new_tokens"], samples=o["samples"], curves_wanted=o["curves"],
                        device=o["device"], kl_examples=o["kl_examples"])
     except (EvalError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message held
         return 1
     return 0
 

@@ -13,6 +13,7 @@ which is what `apply_chat_template(..., tokenize=True)` does.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -32,7 +33,9 @@ def _token_content(tok):
     return tok
 
 
-def _render_template(template: str, **context) -> str:
+@functools.lru_cache(maxsize=8)
+def _compile_template(template: str):
+    """The compiled template, built once per template string (compiling costs milliseconds per call)."""
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
@@ -43,7 +46,11 @@ def _render_template(template: str, **context) -> str:
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template).render(**context)
+    return env.from_string(template)
+
+
+def _render_template(template: str, **context) -> str:
+    return _compile_template(template).render(**context)
 
 
 @dataclass

@@ -1,5 +1,9 @@
 """Shared pytest fixtures."""
+import os
 import random
+
+# Tiny models on 2 cores: one thread avoids OpenMP oversubscription (also in train.py subprocesses).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 

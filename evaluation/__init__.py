@@ -1,0 +1,1 @@
+"""Evaluation helpers for evaluate.py: plots drawn from evaluation_stats.json."""
