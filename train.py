@@ -28,12 +28,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import batches
-from rollout.rl import RolloutSource, rollout_loss_inputs
-from data.formats import DataError, read_jsonl
+from data.formats import read_jsonl
 from evaluate import Evaluator, check_gates
 from lora.inject import adapters_disabled, apply_adapters, export_merged
 from lora.peft_io import save_adapter
 from model.load import add_score_head, auto_device, load_model, resolve_dtype, save_model
+from rollout.rl import RolloutSource, rollout_loss_inputs
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -264,7 +264,7 @@ class _null:
 def main(cfg: DictConfig) -> dict:
     try:
         return run(cfg)
-    except (DataError, FileNotFoundError, NotImplementedError) as e:  # bad input: a clear message, no traceback
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:  # bad input or config: a clear message, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
@@ -274,6 +274,16 @@ def run(cfg: DictConfig) -> dict:
 
     run_dir = HydraConfig.get().runtime.output_dir
     os.makedirs(run_dir, exist_ok=True)
+    if cfg.pipeline.stages:
+        from pipeline import run_pipeline
+
+        common = [f"seed={cfg.seed}", f"device={cfg.device}", f"progress={cfg.progress}",
+                  f"eval_max_examples={cfg.eval_max_examples}"]
+        report = run_pipeline(OmegaConf.to_container(cfg.pipeline.stages, resolve=True), repo_path(cfg.model.path),
+                              run_dir, common)
+        if not report["passed"]:
+            sys.exit(2)
+        return report
     seed_everything(cfg.seed)
     device = auto_device() if cfg.device == "auto" else torch.device(cfg.device)
     dtype = resolve_dtype(cfg.model.dtype)
@@ -283,8 +293,15 @@ def run(cfg: DictConfig) -> dict:
         model, tok = load_model(repo_path(cfg.model.path), dtype=dtype, device=device)
     model.gradient_checkpointing = bool(cfg.model.gradient_checkpointing)
     adapters = add_adapters(model, cfg)
-    # Training keeps fp32 master weights unless the model was asked for in bf16 explicitly.
     print(f"[posttrain] {cfg.method.name} on {device} ({dtype}); run dir {run_dir}")
+    if cfg.method.get("kind") in ("steer", "abliterate"):  # no training loop: steering/run.py evaluates and saves
+        from steering.run import run_abliterate, run_steer
+
+        evaluator = Evaluator(tok, eval_files(cfg), cfg.eval_max_examples)
+        results = (run_steer if cfg.method.kind == "steer" else run_abliterate)(cfg, model, tok, run_dir, evaluator)
+        with open(os.path.join(run_dir, "eval.json"), "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+        return results
 
     examples = load_examples(cfg, tok)
     if cfg.method.get("kind") == "reward_pairs" and not hasattr(model, "score"):
@@ -321,7 +338,7 @@ def run(cfg: DictConfig) -> dict:
     else:
         save_model(model, final, tok)
     if cfg.method.get("export"):
-        export = repo_path(cfg.method.export) if not os.path.isabs(cfg.method.export) else cfg.method.export
+        export = repo_path(cfg.method.export)
         shutil.rmtree(export, ignore_errors=True)
         shutil.copytree(final, export)
         print(f"[posttrain] exported to {export}")

@@ -1,0 +1,64 @@
+"""A staged pipeline gated by evaluation: `python train.py pipeline=sft_grpo_dpo`.
+
+Each stage is an ordinary `train.py` run in its own sub-directory of the pipeline's run directory,
+started from the previous stage's `checkpoints/final` (the first from `model.path`). After a stage,
+its eval.json "after" metrics are checked against the stage's gates (evaluate.check_gates: `kl` is a
+maximum, every other metric a minimum). A failed gate stops the pipeline with a report of the metric
+that missed, and the result (`DIR/final`, `DIR/pipeline.json`) is the last model that passed. Stages
+run as subprocesses so each gets a fresh process, exactly as if run by hand.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from evaluate import check_gates
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_pipeline(stages: list[dict], start_model: str, run_dir: str, common: list[str]) -> dict:
+    """Run `stages` in order; returns the report written to run_dir/pipeline.json."""
+    report = {"stages": [], "passed": True, "result": start_model}
+    model = start_model
+    for i, stage in enumerate(stages):
+        name = stage.get("name", stage["method"])
+        stage_dir = os.path.join(run_dir, f"{i + 1}_{name}")
+        cmd = [sys.executable, os.path.join(REPO, "train.py"), f"method={stage['method']}", f"model.path={model}",
+               f"hydra.run.dir={stage_dir}", *common, *stage.get("overrides", [])]
+        print(f"[pipeline] stage {i + 1}/{len(stages)} {name}: {' '.join(cmd[2:])}", flush=True)
+        proc = subprocess.run(cmd, cwd=os.getcwd())
+        entry = {"name": name, "dir": stage_dir, "returncode": proc.returncode}
+        report["stages"].append(entry)
+        if proc.returncode != 0:
+            entry["error"] = f"train.py exited with {proc.returncode}"
+            report["passed"] = False
+            break
+        with open(os.path.join(stage_dir, "eval.json"), encoding="utf-8") as f:
+            entry["eval"] = json.load(f)
+        entry["gates"] = check_gates(entry["eval"].get("after", {}), dict(stage.get("gates") or {}))
+        failed = {k: g for k, g in entry["gates"].items() if not g["pass"]}
+        for k, g in entry["gates"].items():
+            print(f"[pipeline]   gate {k}: {g['value']} ({'<=' if 'max' in g else '>='} {g['threshold']}) "
+                  f"{'PASS' if g['pass'] else 'FAIL'}", flush=True)
+        if failed:
+            report["passed"] = False
+            report["stopped_at"] = name
+            report["missed"] = failed
+            print(f"[pipeline] stopped at stage '{name}': {', '.join(failed)} missed; "
+                  f"keeping {model} as the result", flush=True)
+            break
+        model = os.path.join(stage_dir, "checkpoints", "final")
+        report["result"] = model
+    final = os.path.join(run_dir, "final")
+    if report["result"] != start_model and os.path.isdir(report["result"]):
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(report["result"], final)
+        report["final"] = final
+    with open(os.path.join(run_dir, "pipeline.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    print(f"[pipeline] {'all gates passed' if report['passed'] else 'FAILED'}; result: {report['result']}", flush=True)
+    return report
