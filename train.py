@@ -210,7 +210,7 @@ def train_loop(model, ref, tok, examples, cfg, run_dir, device):
     lr = m.lr * (cfg.lora.lr_scale if cfg.lora.kind != "none" else 1.0)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": m.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(m.betas),
-                            fused=device.type == "cuda")
+                            fused=device.type in ("cuda", "cpu"))
     log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
     model.train()
