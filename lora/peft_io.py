@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from lora.inject import adapter_modules, adapter_state_dict, apply_adapters
 from lora.layers import DoRALinear
+from model.load import replace_dir
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -72,15 +73,7 @@ def save_adapter(model, directory: str, base_model_name_or_path: str | None = No
         json.dump(config, f, indent=2)
     if tokenizer is not None:
         tokenizer.save(tmp)
-    if os.path.isdir(directory):
-        old = directory + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(directory, old)
-        os.rename(tmp, directory)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, directory)
-    return directory
+    return replace_dir(tmp, directory)
 
 
 _UNSUPPORTED = {  # field: the value we implement

@@ -141,6 +141,12 @@ def save_model(model: Transformer, directory: str, tokenizer: Tokenizer | None =
         gen["pad_token_id"] = gen["pad_token_id"] if gen["pad_token_id"] is not None else tokenizer.pad_token_id
     with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
+    return replace_dir(tmp, directory)
+
+
+def replace_dir(tmp: str, directory: str) -> str:
+    """Move a completely written `tmp` directory to `directory`, replacing what was there by renames
+    (never a half-written `directory`)."""
     if os.path.isdir(directory):
         old = directory + ".old"
         shutil.rmtree(old, ignore_errors=True)
