@@ -5,6 +5,10 @@ import random
 # Tiny models on 2 cores: one thread avoids OpenMP oversubscription (also in train.py subprocesses).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import torch  # noqa: E402  (after OMP_NUM_THREADS)
+
+torch.set_num_threads(1)
+
 import pytest
 
 

@@ -26,15 +26,6 @@ IN, OUT, R = 37, 23, 5
 KINDS = {"lora": LoRALinear, "dora": DoRALinear}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread is far faster than two fighting over shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _base(quantized: bool, seed: int = 0, bias: bool = True):
     torch.manual_seed(seed)
     lin = nn.Linear(IN, OUT, bias=bias)

@@ -363,16 +363,7 @@ def test_bad_arguments_are_rejected():
 # ---------------------------------------------------------------- gradients on a tiny model
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Tiny ops run ~10x faster on one thread than on two contended ones; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny(one_thread):
+def tiny():
     """A 1-layer fp64 Transformer, 2 prompts x (chosen, rejected) and their mismatched pairs."""
     from model.config import ModelConfig
     from model.transformer import Transformer

@@ -28,14 +28,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEVELS = torch.tensor(NF4_LEVELS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread is far faster than two fighting over shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 TRITON_SCRIPT = textwrap.dedent("""
     import os, torch
     from lora.nf4 import NF4Linear, quantize_nf4, dequantize_nf4

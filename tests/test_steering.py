@@ -32,15 +32,6 @@ def prompts(name):
     return load_prompts(f"{SYN}/{name}.jsonl")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is as fast, and much faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return load_model(MODEL, dtype="fp32", device="cpu")
