@@ -227,6 +227,11 @@ def check_gates(metrics: dict, gates: dict) -> dict:
     return report
 
 
+def gate_line(name: str, g: dict) -> str:
+    """One gate of check_gates' report as printed: `gate kl: 0.03 (<= 0.1) PASS`."""
+    return f"gate {name}: {g['value']} ({'<=' if 'max' in g else '>='} {g['threshold']}) {'PASS' if g['pass'] else 'FAIL'}"
+
+
 FORMATS = {"multistep": "rlvr", "arithmetic": "prompt", "style": "prompt", "harmful": "prompt", "preference": "preference", "sft": "sft"}
 
 

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 
-from evaluate import check_gates
+from evaluate import check_gates, gate_line
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,8 +42,7 @@ def run_pipeline(stages: list[dict], start_model: str, run_dir: str, common: lis
         entry["gates"] = check_gates(entry["eval"].get("after", {}), dict(stage.get("gates") or {}))
         failed = {k: g for k, g in entry["gates"].items() if not g["pass"]}
         for k, g in entry["gates"].items():
-            print(f"[pipeline]   gate {k}: {g['value']} ({'<=' if 'max' in g else '>='} {g['threshold']}) "
-                  f"{'PASS' if g['pass'] else 'FAIL'}", flush=True)
+            print(f"[pipeline]   {gate_line(k, g)}", flush=True)
         if failed:
             report["passed"] = False
             report["stopped_at"] = name

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import batches
 from data.formats import read_jsonl
-from evaluate import Evaluator, check_gates
+from evaluate import Evaluator, check_gates, gate_line
 from lora.inject import adapters_disabled, apply_adapters, export_merged
 from lora.peft_io import save_adapter
 from model.load import add_score_head, auto_device, load_model, resolve_dtype, save_model
@@ -326,8 +326,7 @@ def run(cfg: DictConfig) -> dict:
         if cfg.method.get("gates"):
             results["gates"] = check_gates(results["after"], OmegaConf.to_container(cfg.method.gates))
             for name, g in results["gates"].items():
-                print(f"[posttrain] gate {name}: {g['value']} ({'<=' if 'max' in g else '>='} {g['threshold']}) "
-                      f"{'PASS' if g['pass'] else 'FAIL'}")
+                print(f"[posttrain] {gate_line(name, g)}")
     with open(os.path.join(run_dir, "eval.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
     final = os.path.join(run_dir, "checkpoints", "final")

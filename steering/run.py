@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data.synthetic import REFUSAL_MARKERS, STYLE_PREFIX
-from evaluate import check_gates
+from evaluate import check_gates, gate_line
 from model.load import save_model
 from rollout.verifiers import is_refusal, is_styled
 from steering.abliterate import orthogonal_residual, orthogonalize
@@ -97,8 +97,7 @@ def _finish(cfg, results: dict, run_dir: str, cands: list[Candidate]) -> dict:
     if gates and "after" in results:
         results["gates"] = check_gates(results["after"], gates)
         for name, g in results["gates"].items():
-            print(f"[{cfg.method.get('kind', 'steering')}] gate {name}: {g['value']} ({'<=' if 'max' in g else '>='} {g['threshold']}) "
-                  f"{'PASS' if g['pass'] else 'FAIL'}")
+            print(f"[{cfg.method.get('kind', 'steering')}] {gate_line(name, g)}")
     return results
 
 
