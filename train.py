@@ -13,6 +13,7 @@ lives in losses/<name>.py; its hyper-parameters in configs/method/<name>.yaml.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -212,7 +213,7 @@ def train_loop(model, ref, tok, examples, cfg, run_dir, device):
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(m.betas),
                             fused=device.type in ("cuda", "cpu"))
     log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     model.train()
     bar = tqdm(range(total), desc=m.name, disable=not cfg.progress, dynamic_ncols=True)
     for step in bar:
@@ -250,14 +251,6 @@ def train_loop(model, ref, tok, examples, cfg, run_dir, device):
                       tokens_per_s=tps, tokens=ntok, train_s=train_s, **sums)
     model.eval()
     return total
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
