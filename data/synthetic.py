@@ -295,10 +295,16 @@ def make_multistep(rng, pools, side, n):
 
 
 def _wrong_value(a, b, op, i: int = 0):
-    """An off-by-one answer: +1 (for subtraction exactly the base model's bug) for even `i`, -1 for odd
-    `i` (and +1 whenever -1 would be negative). Both directions appear so that "answer one less" is
-    not a shortcut a preference method can learn instead of the right answer."""
+    """The wrong answer of a preference pair: the mistake the base model actually makes.
+
+    Subtraction: a - b + 1, the off-by-one bug the pretraining corpus planted (BUG_P), which is how
+    the embedded model gets most subtractions wrong; preference data built from its own samples
+    would pair the right answer against exactly this. Addition (no planted bug): +1 for even `i`,
+    -1 for odd `i` (+1 whenever -1 would be negative), so "answer one less" is no shortcut there.
+    """
     value = apply_op(a, b, op)
+    if op == "-":
+        return value + 1
     return value - 1 if i % 2 and value > 0 else value + 1
 
 
