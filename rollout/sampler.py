@@ -19,6 +19,11 @@ Why it is built this way (gpt-fast style, but for many prompts x many samples):
   completion (checked only on unfinished rows, decoding a short tail of tokens); afterwards it emits
   pad_id with mask 0. The loop ends when every row has ended, or at max_new_tokens.
 * Reproducible. Sampling draws from a `torch.Generator` seeded by `seed` on the model's device.
+* Geometric mixtures (Nash-MD). With `mixture_model` (the reference) the same loop runs that model
+  in lockstep with its own static cache: one prefill per prompt, one token per step, the same tokens
+  fed to both. Each step draws from log_softmax((1 - c)·log pi + c·log pi_ref) (losses/nash_md.py
+  `mixture_logits`, c = `mixture_coef`), then temperature and filters apply to that as to any logits.
+  The returned log-probs are then those of the mixture. c = 0 samples the policy, c = 1 the reference.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from losses.nash_md import mixture_logits
 from model.transformer import KVCache
 
 
@@ -110,13 +116,18 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], config: SamplingConfig, stop_token_ids: list[int], pad_id: int,
-             num_samples: int = 1, seed: int | None = None, tokenizer=None) -> Rollout:
+             num_samples: int = 1, seed: int | None = None, tokenizer=None, mixture_model=None,
+             mixture_coef: float = 0.5) -> Rollout:
     """Sample `num_samples` completions for each prompt (token-id lists, any lengths) with a KV cache.
 
     Rows of the result are prompt-major: row i*num_samples+j is sample j of prompt i. A row ends at a
     token in `stop_token_ids` (included, mask 1) or when one of `config.stop_strings` appears in its
     decoded completion (needs `tokenizer`); the token that completes the stop string is the last with
     mask 1. The model runs in eval mode for the call and gets its training flag back afterwards.
+
+    With `mixture_model` (same vocabulary; a frozen copy, or anything callable like the model such as
+    train.py's AdaptersDisabled), tokens are drawn from the geometric mixture of the two models'
+    next-token distributions with weight `mixture_coef` on `mixture_model` (see the module doc).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt must have at least one token (got an empty prompt list or prompt)")
@@ -126,6 +137,9 @@ def generate(model, prompts: list[list[int]], config: SamplingConfig, stop_token
         raise ValueError(f"generate: pad_id={pad_id} is not a token id of the model (vocab_size={model.config.vocab_size})")
     if config.stop_strings and tokenizer is None:
         raise ValueError(f"generate: stop_strings {config.stop_strings} need a tokenizer to decode completions")
+    if mixture_model is not None and mixture_model.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"generate: mixture_model has vocab_size {mixture_model.config.vocab_size}, the model "
+                         f"{model.config.vocab_size}: a token-level mixture needs one vocabulary")
     weight = model.model.embed_tokens.weight
     device, dtype = weight.device, weight.dtype
     B, N, P = len(prompts), len(prompts) * num_samples, max(len(p) for p in prompts)
@@ -139,20 +153,28 @@ def generate(model, prompts: list[list[int]], config: SamplingConfig, stop_token
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     # a stop string of n characters ends within the last few tokens; decode a generous tail only
     tail = 4 * max((len(s) for s in config.stop_strings), default=0) + 8
-    was_training = model.training
-    model.eval()
+    models = [model] if mixture_model is None else [model, mixture_model]
+    was_training = [getattr(m, "training", None) for m in models]
+    for m in models:
+        if isinstance(m, torch.nn.Module):
+            m.eval()
     try:
-        cache = KVCache(model.config, B, P + config.max_new_tokens, device, dtype)
-        hidden = model(input_ids, attention_mask=attention_mask, cache=cache, cache_pos=0, hidden_only=True)
-        logits = F.linear(hidden[:, -1], model.lm_head_weight).float()  # (B, V): last position only
-        if num_samples > 1:
-            cache = cache.repeat_interleave(num_samples)
-            logits = logits.repeat_interleave(num_samples, dim=0)
+        caches, logits = [], []
+        for m in models:  # one static cache per model, the same prompts prefilled once each
+            cache = KVCache(m.config, B, P + config.max_new_tokens, device, dtype)
+            hidden = m(input_ids, attention_mask=attention_mask, cache=cache, cache_pos=0, hidden_only=True)
+            lg = F.linear(hidden[:, -1], m.lm_head_weight).float()  # (B, V): last position only
+            if num_samples > 1:
+                cache = cache.repeat_interleave(num_samples)
+                lg = lg.repeat_interleave(num_samples, dim=0)
+            caches.append(cache)
+            logits.append(lg)
         finished = torch.zeros(N, dtype=torch.bool, device=device)
         tokens, logprobs, masks = [], [], []
         texts_ids = [[] for _ in range(N)]  # completions on the host, only kept for stop strings
         for step in range(config.max_new_tokens):
-            tok, lp = sample_next(logits, config, generator)
+            mixed = logits[0] if mixture_model is None else mixture_logits(logits[0], logits[1], mixture_coef)
+            tok, lp = sample_next(mixed, config, generator)
             alive = ~finished
             tok = tok.masked_fill(finished, pad_id)
             tokens.append(tok)
@@ -163,9 +185,11 @@ def generate(model, prompts: list[list[int]], config: SamplingConfig, stop_token
                 finished = _check_stop_strings(tok, alive, finished, texts_ids, tokenizer, config.stop_strings, tail)
             if step == config.max_new_tokens - 1 or bool(finished.all()):
                 break
-            logits = model(tok[:, None], cache=cache, cache_pos=P + step)[:, -1].float()
+            logits = [m(tok[:, None], cache=c, cache_pos=P + step)[:, -1].float() for m, c in zip(models, caches)]
     finally:
-        model.train(was_training)
+        for m, flag in zip(models, was_training):
+            if isinstance(m, torch.nn.Module):
+                m.train(flag)
     return Rollout(prompt_ids=[list(p) for p in prompts], completion_ids=torch.stack(tokens, 1),
                    logprobs=torch.stack(logprobs, 1).float(), mask=torch.stack(masks, 1).float(),
                    truncated=~finished, stop_strings=config.stop_strings)

@@ -171,3 +171,79 @@ def test_restores_training_flag_and_bf16(model):
                  seed=0)
     assert m.training and r.completion_ids.shape == (6, 4) and r.logprobs.dtype == torch.float32
     assert torch.isfinite(r.logprobs).all() and (r.logprobs <= 0).all()
+
+
+# ----------------------------------------------------------------------------- geometric mixture (Nash-MD)
+@pytest.fixture(scope="module")
+def other(model):
+    """A second model with the same vocabulary (different weights): the 'reference' of the mixture."""
+    torch.manual_seed(1)
+    m = Transformer(model.config)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 2:
+                p.mul_(0.5 if "embed" in name else 4.0)
+    return m.eval()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0])
+def test_mixture_endpoints_equal_policy_and_reference(model, other, temperature):
+    cfg = SamplingConfig(max_new_tokens=12, temperature=temperature)
+    policy = generate(model, PROMPTS, cfg, [], PAD, num_samples=3, seed=5)
+    ref = generate(other, PROMPTS, cfg, [], PAD, num_samples=3, seed=5)
+    assert not torch.equal(policy.completion_ids, ref.completion_ids)  # the two models do differ
+    at0 = generate(model, PROMPTS, cfg, [], PAD, num_samples=3, seed=5, mixture_model=other, mixture_coef=0.0)
+    at1 = generate(model, PROMPTS, cfg, [], PAD, num_samples=3, seed=5, mixture_model=other, mixture_coef=1.0)
+    assert torch.equal(at0.completion_ids, policy.completion_ids)
+    assert torch.equal(at1.completion_ids, ref.completion_ids)
+    torch.testing.assert_close(at0.logprobs, policy.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(at1.logprobs, ref.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("coef", [0.3, 0.5])
+def test_mixture_draws_from_mixture_logits_at_every_step(model, other, coef):
+    """The log-prob the sampler reports for each drawn token equals mixture_logits of full (no-cache)
+    forwards of both models on prompt + completion so far: the per-step distribution is the mixture."""
+    from losses.nash_md import mixture_logits
+
+    r = generate(model, PROMPTS, SamplingConfig(max_new_tokens=12), [7], PAD, num_samples=2, seed=3,
+                 mixture_model=other, mixture_coef=coef)
+    plain = generate(model, PROMPTS, SamplingConfig(max_new_tokens=12), [7], PAD, num_samples=2, seed=3)
+    assert not torch.equal(r.completion_ids, plain.completion_ids)
+    for row, comp in enumerate(completions(r)):
+        prompt = PROMPTS[row // 2]
+        ids = torch.tensor([prompt + comp])
+        with torch.no_grad():
+            mix = mixture_logits(model(ids)[0, len(prompt) - 1:-1], other(ids)[0, len(prompt) - 1:-1], coef)
+        ref = mix.gather(-1, torch.tensor(comp)[:, None]).squeeze(-1)
+        torch.testing.assert_close(r.logprobs[row, :len(comp)], ref, atol=1e-5, rtol=0)
+    # greedy on the mixture: argmax of mixture_logits, step by step, without a cache
+    g = generate(model, PROMPTS, SamplingConfig(max_new_tokens=8, temperature=0), [], PAD, mixture_model=other,
+                 mixture_coef=coef)
+    for i, p in enumerate(PROMPTS):
+        ids = list(p)
+        with torch.no_grad():
+            for _ in range(8):
+                t = torch.tensor([ids])
+                ids.append(int(mixture_logits(model(t)[0, -1], other(t)[0, -1], coef).argmax()))
+        assert g.completion_ids[i].tolist() == ids[len(p):]
+
+
+def test_mixture_prefills_each_model_once_and_restores_flags(model, other):
+    calls = {id(model): [], id(other): []}
+    for m in (model, other):
+        m.forward = (lambda fwd, log: lambda input_ids, *a, **k: (log.append(tuple(input_ids.shape)),
+                                                                   fwd(input_ids, *a, **k))[1])(m.forward, calls[id(m)])
+    other.train()
+    try:
+        generate(model, PROMPTS, SamplingConfig(max_new_tokens=4), [], PAD, num_samples=2, seed=0,
+                 mixture_model=other)
+    finally:
+        del model.forward, other.forward
+    assert calls[id(model)] == calls[id(other)] == [(3, 12)] + [(6, 1)] * 3
+    assert other.training and not model.training
+    other.eval()
+    bad = Transformer(ModelConfig(model_type="qwen3", vocab_size=32, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="vocab_size"):
+        generate(model, PROMPTS, SamplingConfig(max_new_tokens=4), [], PAD, mixture_model=bad)
