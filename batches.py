@@ -9,6 +9,7 @@ A method is a loss file plus a config. The config names the loss (`loss: dpo` ->
   reward_pairs  prompt + chosen + rejected for a reward model -> chosen_rewards, rejected_rewards
   unpaired  prompt + completion + label (KTO)                -> policy_logps, mask, labels, kl_* (+ ref_logps)
   rollouts  prompts sampled on-line (GRPO family)            -> see rollout/rl.py
+  nash_md   prompts sampled on-line, policy vs mixture (Nash-MD) -> see rollout/nash_md.py
 
 Log-probs are per token, (B, T-1), position t scoring token t+1, with the loss mask shifted the
 same way; each loss reduces them itself (masked_sum / masked_mean) and says how. Chosen and
@@ -26,7 +27,7 @@ from data.formats import collate, load_dataset, read_jsonl, tokenize_pair
 from losses.common import sequence_logprobs
 from losses.reward import sequence_rewards
 
-KINDS = ("tokens", "pairs", "reward_pairs", "unpaired", "rollouts")
+KINDS = ("tokens", "pairs", "reward_pairs", "unpaired", "rollouts", "nash_md")
 
 
 def resolve_loss(name: str):
@@ -48,7 +49,7 @@ def load_examples(path: str, kind: str, fmt: str, tok, max_length: int) -> list[
     """Read, validate and tokenize a whole training file for a batch kind."""
     if kind == "tokens":
         return load_dataset(path, fmt, tok, max_length)[0]
-    if kind == "rollouts":  # prompts (+ the columns the rewards read); tokenized when sampled
+    if kind in ("rollouts", "nash_md"):  # prompts (+ the columns the rewards read); tokenized when sampled
         return read_jsonl(path, fmt)
     if kind in ("pairs", "reward_pairs"):
         rows = read_jsonl(path, "preference")

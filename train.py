@@ -34,6 +34,7 @@ from evaluate import Evaluator, check_gates, gate_line
 from lora.inject import adapters_disabled, apply_adapters, export_merged
 from lora.peft_io import save_adapter
 from model.load import add_score_head, auto_device, load_model, resolve_dtype, save_model
+from rollout.nash_md import NashMDSource, nash_md_loss_inputs
 from rollout.rl import RolloutSource, rollout_loss_inputs
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -202,6 +203,8 @@ def train_loop(model, ref, tok, examples, cfg, run_dir, device):
     if kind == "rollouts":
         source = RolloutSource(examples, tok, m, cfg.seed)
         total = m.max_steps
+    elif kind == "nash_md":
+        source, total = NashMDSource(examples, tok, m, cfg.seed, ref), m.max_steps
     else:
         source = batches.DatasetSource(examples, m.batch_size, m.grad_accum, cfg.seed)
         total = m.max_steps or math.ceil(len(examples) / (m.batch_size * m.grad_accum)) * m.epochs
@@ -228,6 +231,8 @@ def train_loop(model, ref, tok, examples, cfg, run_dir, device):
             with autocast:
                 if kind == "rollouts":
                     inputs, n, extra = rollout_loss_inputs(model, ref, micro, tok, device, m.temperature, n_items)
+                elif kind == "nash_md":
+                    inputs, n, extra = nash_md_loss_inputs(model, ref, micro, tok, device, m.temperature)
                 else:
                     (inputs, n), extra = batches.loss_inputs(kind, model, ref, micro, tok, device), {}
                 loss, metrics = batches.call_loss(loss_fn, inputs, loss_args)

@@ -83,3 +83,17 @@ def test_reward_model_run_saves_a_sequence_classification_checkpoint(tmp_path):
     with torch.no_grad():
         theirs = hf(ids).logits[:, 0]
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_nash_md_run_trains_on_policy_vs_mixture_pairs(tmp_path):
+    run_dir, _ = run_train(tmp_path, "method=nash_md", "method.max_steps=2", "method.prompts_per_step=2",
+                           "method.num_generations=2", "method.max_new_tokens=8", "data.eval.style=null",
+                           "data.eval.harmful=null", "data.eval.sft=null", "data.eval.preference=null")
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 1]
+    for r in lines:
+        assert {"loss", "reward", "reward_mixture", "rewards/probabilities", "kl", "entropy"} <= set(r)
+        assert 0.0 <= r["rewards/probabilities"] <= 1.0
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert "accuracy" in ev["before"] and "accuracy" in ev["after"]
+    assert (run_dir / "checkpoints" / "final" / "config.json").exists()
