@@ -90,22 +90,38 @@ def _ref_logps(ref, seqs, tok, device):
 
 
 class DatasetSource:
-    """Micro-batches for offline kinds: `grad_accum` batches of `batch_size` examples per step,
-    reshuffled (seeded) every epoch."""
+    """Micro-batches for offline kinds: `grad_accum` batches of `batch_size` examples per step and
+    process, reshuffled (seeded) every epoch.
 
-    def __init__(self, examples: list[dict], batch_size: int, grad_accum: int, seed: int):
+    Under torchrun every rank draws the same global step (grad_accum × world micro-batches) from the
+    same generator and keeps micro-batches rank, rank + world, ...: N processes see exactly what one
+    process with grad_accum × N sees. `state_dict()` is the data position a checkpoint stores.
+    """
+
+    def __init__(self, examples: list[dict], batch_size: int, grad_accum: int, seed: int,
+                 rank: int = 0, world: int = 1):
         self.examples, self.bs, self.accum = examples, batch_size, grad_accum
+        self.rank, self.world = rank, world
         self.gen = torch.Generator().manual_seed(seed)
         self.order, self.cursor = [], 0
+        self.last_indices: list[list[int]] = []  # this rank's example indices of the last step, for error reports
 
     def step(self, model=None) -> tuple[list[list[dict]], dict]:
-        micro = []
-        for _ in range(self.accum):
+        picked = []
+        for _ in range(self.accum * self.world):
             if self.cursor + self.bs > len(self.order):
                 self.order, self.cursor = torch.randperm(len(self.examples), generator=self.gen).tolist(), 0
-            micro.append([self.examples[i] for i in self.order[self.cursor:self.cursor + self.bs]])
+            picked.append(self.order[self.cursor:self.cursor + self.bs])
             self.cursor += self.bs
-        return micro, {}
+        self.last_indices = picked[self.rank::self.world]
+        return [[self.examples[i] for i in idx] for idx in self.last_indices], {}
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state(), "order": list(self.order), "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.order, self.cursor = list(state["order"]), state["cursor"]
 
 
 def loss_inputs(kind: str, model, ref, examples: list[dict], tok, device) -> tuple[dict, int]:

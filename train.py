@@ -29,6 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import batches
+import checkpoint
+import distributed
 from data.formats import read_jsonl
 from evaluate import Evaluator, check_gates, gate_line
 from lora.inject import adapters_disabled, apply_adapters, export_merged
@@ -73,10 +75,19 @@ def pack(examples: list[dict], block: int) -> list[dict]:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line, always with `step`."""
+    """metrics.jsonl: one JSON object per line, always with `step`.
 
-    def __init__(self, path: str):
-        self.f = open(path, "a", encoding="utf-8")
+    A resumed run keeps the lines of the steps before the checkpoint (`keep_below`) and drops the
+    ones the killed run wrote after it, which the resumed run writes again.
+    """
+
+    def __init__(self, path: str, keep_below: int = 0):
+        kept = []
+        if keep_below and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] < keep_below]
+        self.f = open(path, "w" if keep_below else "a", encoding="utf-8")
+        self.f.writelines(kept)
 
     def write(self, **row):
         self.f.write(json.dumps({k: (v.item() if torch.is_tensor(v) else v) for k, v in row.items()}) + "\n")
@@ -189,71 +200,152 @@ def reward_accuracy(model, tok, cfg, device) -> dict:
     return {"preference_accuracy": round(sum(wins) / len(wins), 4)}
 
 
-def train_loop(model, ref, tok, examples, cfg, run_dir, device):
+class OutOfMemory(RuntimeError):
+    """Out of memory in a training step, with the batch shape and the knobs that lower memory."""
+
+
+def batch_shape(micro: list[dict]) -> str:
+    """`rows x longest sequence` of a micro-batch of examples or rollout rows."""
+    lengths = [len(v["input_ids"]) for ex in micro for v in ([ex] if "input_ids" in ex else ex.values())
+               if isinstance(v, dict) and "input_ids" in v] or [len(r["seq"]) for r in micro if "seq" in r]
+    return f"{len(lengths) or len(micro)} sequences x {max(lengths, default=0)} tokens"
+
+
+def oom_message(step: int, i: int, micro: list[dict], cfg) -> str:
+    m = cfg.method
+    knobs = [f"method.batch_size={max(1, m.get('batch_size', 2) // 2)} method.grad_accum={2 * m.get('grad_accum', 1)} "
+             "(same global batch, half the activations)" if m.get("kind", "tokens") not in ("rollouts", "nash_md") else
+             f"method.micro_batch_size={max(1, m.get('micro_batch_size', 2) // 2)} (rollout rows per forward)",
+             "model.gradient_checkpointing=true" if not cfg.model.gradient_checkpointing else None,
+             f"data.max_length (now {cfg.data.max_length})", "lora=lora or lora=qlora (no optimiser state for the base)"]
+    return (f"out of memory at step {step}, micro-batch {i}: {batch_shape(micro)}. Lower memory with: "
+            + "; ".join(k for k in knobs if k))
+
+
+def make_source(kind: str, examples, tok, cfg, ref):
+    """The data source of a method's kind and the number of optimiser steps it makes."""
+    m, rank, world = cfg.method, distributed.rank(), distributed.world_size()
+    if kind == "rollouts":
+        return RolloutSource(examples, tok, m, cfg.seed, rank=rank, world=world), m.max_steps
+    if kind == "nash_md":
+        return NashMDSource(examples, tok, m, cfg.seed, ref), m.max_steps
+    source = batches.DatasetSource(examples, m.batch_size, m.grad_accum, cfg.seed, rank, world)
+    return source, m.max_steps or math.ceil(len(examples) / (m.batch_size * m.grad_accum * world)) * m.epochs
+
+
+def make_optimizer(model, cfg, device):
+    m = cfg.method
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = m.lr * (cfg.lora.lr_scale if cfg.lora.kind != "none" else 1.0)
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": m.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device.type in ("cuda", "cpu") and distributed.world_size() == 1  # sharded (DTensor) params: foreach
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(m.betas), fused=fused), params, lr
+
+
+def train_loop(model, ref, tok, examples, cfg, run_dir, device, resume: str | None = None, before=None):
     """The optimisation loop every method shares. Returns the number of optimiser steps taken.
 
     Each step: the source gives this step's micro-batches (a slice of the dataset, or a rollout
     batch for RL kinds); each micro-batch goes through the forward passes its kind needs, the
     method's loss, backward; then clipping, AdamW, the schedule, a metrics.jsonl line.
+
+    Guards: a step whose loss or gradient norm is not finite is skipped (no update, so the weights
+    and every later checkpoint stay finite) and reported with its step and batch; more than
+    `skip_budget` skipped steps stop the run. Out of memory stops it with the batch shape and the
+    knobs to turn. Every `checkpoint_every` steps a crash-safe checkpoint (checkpoint.py) is
+    written; `resume` (a checkpoint directory) continues exactly where that checkpoint was taken.
     """
     m = cfg.method
     kind = m.get("kind", "tokens")
     loss_fn = batches.resolve_loss(m.loss)
     loss_args = OmegaConf.to_container(m.loss_args, resolve=True) if m.get("loss_args") else {}
-    if kind == "rollouts":
-        source = RolloutSource(examples, tok, m, cfg.seed)
-        total = m.max_steps
-    elif kind == "nash_md":
-        source, total = NashMDSource(examples, tok, m, cfg.seed, ref), m.max_steps
-    else:
-        source = batches.DatasetSource(examples, m.batch_size, m.grad_accum, cfg.seed)
-        total = m.max_steps or math.ceil(len(examples) / (m.batch_size * m.grad_accum)) * m.epochs
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    lr = m.lr * (cfg.lora.lr_scale if cfg.lora.kind != "none" else 1.0)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": m.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(m.betas),
-                            fused=device.type in ("cuda", "cpu"))
-    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    source, total = make_source(kind, examples, tok, cfg, ref)
+    opt, params, lr = make_optimizer(model, cfg, device)
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    start, skipped = 0, 0
+    if resume is not None:
+        ckpt = resume
+        state = checkpoint.load(ckpt, model, opt)
+        if state["total"] != total:
+            raise ValueError(f"{ckpt}: the checkpoint's run has {state['total']} steps, this config {total}; "
+                             "resume with the same method settings")
+        source.load_state_dict(state["source"])
+        checkpoint.set_rng_state(state["rng"])
+        start, skipped = state["step"], state["skipped"]
+        print(f"[posttrain] resumed from {ckpt} at step {start} of {total}")
+    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), keep_below=start) if distributed.is_main() else None
+    # FSDP's mixed precision already computes in bf16 on CUDA; one process uses autocast instead
+    bf16 = device.type == "cuda" and distributed.world_size() == 1
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     model.train()
-    bar = tqdm(range(total), desc=m.name, disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(range(start, total), desc=m.name, disable=not (cfg.progress and distributed.is_main()),
+               initial=start, total=total, dynamic_ncols=True)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, m, lr)
         micro_batches, sums = source.step(model)
-        t0, ntok, loss_sum = time.perf_counter(), 0, 0.0
-        # token-sum losses (dapo) are already normalised by the whole batch's token count
-        scale = 1.0 if loss_args.get("loss_type") == "dapo" else 1.0 / max(len(micro_batches), 1)
-        n_items = sum(float(r["mask"].sum()) for mb in micro_batches for r in mb) if kind == "rollouts" else None
-        for micro in micro_batches:
-            with autocast:
-                if kind == "rollouts":
-                    inputs, n, extra = rollout_loss_inputs(model, ref, micro, tok, device, m.temperature, n_items)
-                elif kind == "nash_md":
-                    inputs, n, extra = nash_md_loss_inputs(model, ref, micro, tok, device, m.temperature)
-                else:
-                    (inputs, n), extra = batches.loss_inputs(kind, model, ref, micro, tok, device), {}
-                loss, metrics = batches.call_loss(loss_fn, inputs, loss_args)
-            (loss * scale).backward()
+        t0, ntok, loss_sum, bad_micro = time.perf_counter(), 0, 0.0, None
+        # token-sum losses (dapo) are already normalised by the whole batch's token count, over all
+        # ranks; FSDP averages gradients over ranks, so they are scaled back up by the world size
+        world = distributed.world_size()
+        scale = world if loss_args.get("loss_type") == "dapo" else 1.0 / max(len(micro_batches), 1)
+        n_items = distributed.total(sum(float(r["mask"].sum()) for mb in micro_batches for r in mb)) \
+            if kind == "rollouts" else None
+        for i, micro in enumerate(micro_batches):
+            try:
+                with autocast:
+                    if kind == "rollouts":
+                        inputs, n, extra = rollout_loss_inputs(model, ref, micro, tok, device, m.temperature, n_items)
+                    elif kind == "nash_md":
+                        inputs, n, extra = nash_md_loss_inputs(model, ref, micro, tok, device, m.temperature)
+                    else:
+                        (inputs, n), extra = batches.loss_inputs(kind, model, ref, micro, tok, device), {}
+                    loss, metrics = batches.call_loss(loss_fn, inputs, loss_args)
+                (loss * scale).backward()
+            except torch.OutOfMemoryError as e:
+                raise OutOfMemory(oom_message(step, i, micro, cfg)) from e
+            if bad_micro is None and not torch.isfinite(loss.detach()):
+                bad_micro = i
             loss_sum += loss.item() * scale
             ntok += n
             for k, v in {**metrics, **extra}.items():
                 if k != "loss":
                     sums[k] = sums.get(k, 0.0) + float(v) / len(micro_batches)
+        loss_sum = distributed.mean(loss_sum)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, m.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"step {step}: non-finite gradient norm ({grad_norm}); loss {loss_sum}")
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+            opt.zero_grad(set_to_none=True)  # the step never reaches the weights
+            skipped += 1
+            where = f"micro-batch {bad_micro}" if bad_micro is not None else "the gradient"
+            indices = getattr(source, "last_indices", None)
+            report = (f"step {step}: non-finite loss ({loss_sum}) or gradient norm ({float(grad_norm)}) from {where}"
+                      + (f", examples {indices[bad_micro or 0]}" if indices else "")
+                      + f"; step skipped ({skipped} of skip_budget={cfg.skip_budget})")
+            print(f"[posttrain] warning: {report}", file=sys.stderr)
+            if log:
+                log.write(step=step, skipped=skipped, skip_reason=report)
+            if skipped > cfg.skip_budget:
+                raise FloatingPointError(f"{report}: skip budget exhausted. Lower method.lr, check the data "
+                                         "at those examples, or raise skip_budget")
+            continue
         opt.step()
         opt.zero_grad(set_to_none=True)
         train_s = time.perf_counter() - t0
-        tps = ntok / train_s
+        tps = distributed.total(ntok) / train_s
         bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:,.0f}",
                         **({"reward": f"{sums['reward']:.3f}"} if "reward" in sums else {}))
         if step % cfg.log_every == 0 or step == total - 1:
-            log.write(step=step, loss=loss_sum, lr=opt.param_groups[0]["lr"], grad_norm=grad_norm,
-                      tokens_per_s=tps, tokens=ntok, train_s=train_s, **sums)
+            if world > 1:  # every rank joins the reductions; rank 0 writes
+                sums = {k: distributed.mean(v) for k, v in sums.items()}
+            if log:
+                log.write(step=step, loss=loss_sum, lr=opt.param_groups[0]["lr"], grad_norm=grad_norm,
+                          tokens_per_s=tps, tokens=ntok, train_s=train_s, **sums)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            state = {"step": step + 1, "total": total, "skipped": skipped, "source": source.state_dict(),
+                     "rng": checkpoint.rng_state(), "before": before}
+            checkpoint.save(ckpt_root, step + 1, model, opt, state, keep=cfg.keep_checkpoints)
     model.eval()
     return total
 
@@ -262,9 +354,53 @@ def train_loop(model, ref, tok, examples, cfg, run_dir, device):
 def main(cfg: DictConfig) -> dict:
     try:
         return run(cfg)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:  # bad input or config: a clear message, no traceback
+    except (ValueError, FileNotFoundError, NotImplementedError, OutOfMemory, FloatingPointError) as e:  # clear message
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        distributed.close()
+
+
+def resume_checkpoint(cfg, run_dir: str) -> str | None:
+    """`resume=true`: the newest checkpoint of this run directory; `resume=DIR`: of DIR (a run
+    directory or a checkpoint). A resumed run in a new directory starts with the old metrics lines."""
+    if cfg.resume in (None, False, "false"):
+        return None
+    where = run_dir if cfg.resume in (True, "true") else repo_path(str(cfg.resume))
+    path = checkpoint.latest(where)
+    if path is None:
+        raise FileNotFoundError(f"resume: no complete checkpoint under {where} (runs write them with "
+                                "checkpoint_every=N; resume=true looks in hydra.run.dir, resume=DIR anywhere)")
+    old_metrics = os.path.join(os.path.dirname(os.path.dirname(path)), "metrics.jsonl")
+    new_metrics = os.path.join(run_dir, "metrics.jsonl")
+    if distributed.is_main() and os.path.exists(old_metrics) and not os.path.exists(new_metrics):
+        shutil.copyfile(old_metrics, new_metrics)
+    return path
+
+
+def save_final(model, cfg, tok, run_dir: str, adapters: bool, dtype) -> str:
+    """checkpoints/final: a HF model directory, or a PEFT adapter directory for adapter runs.
+    Distributed: every rank gathers the full state to rank 0, which writes it from a fresh copy."""
+    final = os.path.join(run_dir, "checkpoints", "final")
+    if distributed.world_size() > 1:
+        state = distributed.full_state_dict(model)
+        if not distributed.is_main():
+            return final
+        model, _ = load_model(repo_path(cfg.model.path), dtype=dtype, device="cpu", with_tokenizer=False)
+        add_adapters(model, cfg)
+        model.load_state_dict(state, strict=False)
+    if adapters:  # loads with peft.PeftModel.from_pretrained
+        save_adapter(model, final, base_model_name_or_path=str(cfg.model.path), tokenizer=tok)
+        if cfg.lora.export_merged:
+            export_merged(model, os.path.join(run_dir, "checkpoints", "merged"), tok)
+    else:
+        save_model(model, final, tok)
+    if cfg.method.get("export"):
+        export = repo_path(cfg.method.export)
+        shutil.rmtree(export, ignore_errors=True)
+        shutil.copytree(final, export)
+        print(f"[posttrain] exported to {export}")
+    return final
 
 
 def run(cfg: DictConfig) -> dict:
@@ -283,16 +419,24 @@ def run(cfg: DictConfig) -> dict:
             sys.exit(2)
         return report
     seed_everything(cfg.seed)
-    device = auto_device() if cfg.device == "auto" else torch.device(cfg.device)
+    dist_device = distributed.init(cfg.device)  # torchrun with WORLD_SIZE > 1: FSDP2 data parallelism
+    world = distributed.world_size()
+    device = dist_device or (auto_device() if cfg.device == "auto" else torch.device(cfg.device))
     dtype = resolve_dtype(cfg.model.dtype)
+    if world > 1 and dtype != torch.float32:
+        dtype = torch.float32  # FSDP keeps fp32 master weights and computes in bf16 (MixedPrecisionPolicy)
     if cfg.method.get("from_scratch"):
         model, tok = build_from_scratch(cfg, device, dtype)
     else:
         model, tok = load_model(repo_path(cfg.model.path), dtype=dtype, device=device)
     model.gradient_checkpointing = bool(cfg.model.gradient_checkpointing)
     adapters = add_adapters(model, cfg)
-    print(f"[posttrain] {cfg.method.name} on {device} ({dtype}); run dir {run_dir}")
+    if distributed.is_main():
+        print(f"[posttrain] {cfg.method.name} on {device} ({dtype}){f' x {world} processes' if world > 1 else ''}; "
+              f"run dir {run_dir}")
     if cfg.method.get("kind") in ("steer", "abliterate"):  # no training loop: steering/run.py evaluates and saves
+        if world > 1:
+            raise NotImplementedError("steering and abliteration run in one process (no torchrun)")
         from steering.run import run_abliterate, run_steer
 
         evaluator = Evaluator(tok, eval_files(cfg), cfg.eval_max_examples)
@@ -310,36 +454,37 @@ def run(cfg: DictConfig) -> dict:
     if ref is not None and cfg.method.get("precompute_ref"):
         batches.precompute_reference(ref, examples, cfg.method.kind, tok, device)
         ref = None  # the log-probs live in the examples now; the copy's memory is freed
+    if world > 1:
+        distributed.shard(model, mixed_precision=device.type == "cuda")
+    if cfg.model.get("compile"):  # regional: each block compiled once and reused by every layer's call
+        for layer in model.model.layers:
+            layer.compile(dynamic=True)
+    resume = resume_checkpoint(cfg, run_dir)
     results = {}
     evaluator = Evaluator(tok, eval_files(cfg), cfg.eval_max_examples)
     if cfg.method.get("kind") == "reward_pairs":  # a reward model is judged on held-out pairs, not by generating
         evaluator = lambda model: reward_accuracy(model, tok, cfg, device)  # noqa: E731
-    if cfg.eval_before:
+    if resume and checkpoint.trainer_state(resume).get("before") is not None:
+        results["before"] = checkpoint.trainer_state(resume)["before"]  # measured on the same start by the first run
+    elif cfg.eval_before:
         results["before"] = evaluator(model)
-        print(f"[posttrain] before: {results['before']}")
-    steps = train_loop(model, ref, tok, examples, cfg, run_dir, device)
+        if distributed.is_main():
+            print(f"[posttrain] before: {results['before']}")
+    steps = train_loop(model, ref, tok, examples, cfg, run_dir, device, resume=resume, before=results.get("before"))
     if cfg.eval_after:
         results["after"] = evaluator(model)
-        print(f"[posttrain] after {steps} steps: {results['after']}")
         if cfg.method.get("gates"):
             results["gates"] = check_gates(results["after"], OmegaConf.to_container(cfg.method.gates))
-            for name, g in results["gates"].items():
+        if distributed.is_main():
+            print(f"[posttrain] after {steps} steps: {results['after']}")
+            for name, g in results.get("gates", {}).items():
                 print(f"[posttrain] {gate_line(name, g)}")
-    with open(os.path.join(run_dir, "eval.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-    final = os.path.join(run_dir, "checkpoints", "final")
-    if adapters:  # a PEFT adapter directory (loads with peft.PeftModel.from_pretrained)
-        save_adapter(model, final, base_model_name_or_path=str(cfg.model.path), tokenizer=tok)
-        if cfg.lora.export_merged:
-            export_merged(model, os.path.join(run_dir, "checkpoints", "merged"), tok)
-    else:
-        save_model(model, final, tok)
-    if cfg.method.get("export"):
-        export = repo_path(cfg.method.export)
-        shutil.rmtree(export, ignore_errors=True)
-        shutil.copytree(final, export)
-        print(f"[posttrain] exported to {export}")
-    print(f"[posttrain] done: {final}")
+    if distributed.is_main():
+        with open(os.path.join(run_dir, "eval.json"), "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    final = save_final(model, cfg, tok, run_dir, adapters, dtype)
+    if distributed.is_main():
+        print(f"[posttrain] done: {final}")
     return results
 
 

@@ -50,8 +50,9 @@ def completion_logprobs(model, prompt_lens: list[int], seqs: list[list[int]], wi
 class RolloutSource:
     """Yields the micro-batches of each optimiser step for kind `rollouts`."""
 
-    def __init__(self, rows: list[dict], tok, cfg, seed: int):
+    def __init__(self, rows: list[dict], tok, cfg, seed: int, rank: int = 0, world: int = 1):
         m = cfg
+        self.rank, self.world = rank, world
         field = m.get("prompt_field", "prompt")
         if field != "prompt":  # e.g. RLVR's `problem`: the reward functions see it as the prompt
             rows = [{**{k: v for k, v in r.items() if k != field}, "prompt": r[field]} for r in rows]
@@ -67,13 +68,25 @@ class RolloutSource:
                                        top_k=m.get("top_k", 0), top_p=m.get("top_p", 1.0), min_p=m.get("min_p", 0.0))
 
     def _prompts(self, n: int) -> list[dict]:
+        """This rank's `n` prompts: every rank draws the same n × world (one seeded order) and keeps
+        its share, so N processes split exactly the prompts one process with N times as many draws."""
         out = []
-        while len(out) < n:
+        while len(out) < n * self.world:
             if self.cursor >= len(self.order):
                 self.order, self.cursor = torch.randperm(len(self.rows), generator=self.gen).tolist(), 0
             out.append(self.rows[self.order[self.cursor]])
             self.cursor += 1
-        return out
+        return out[self.rank::self.world]
+
+    def state_dict(self) -> dict:
+        """The data and sampling position a checkpoint stores (for an exact resume)."""
+        return {"gen": self.gen.get_state(), "order": list(self.order), "cursor": self.cursor, "seed": self.seed,
+                "buffer": self.buffer, "uses": self.uses}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.order, self.cursor, self.seed = list(state["order"]), state["cursor"], state["seed"]
+        self.buffer, self.uses = state["buffer"], state["uses"]
 
     def _rewards(self, rows: list[dict], texts: list[str]) -> tuple[torch.Tensor, dict]:
         G = self.m.num_generations
@@ -128,7 +141,7 @@ class RolloutSource:
                 roll = self._given(model, rows, ids)
             else:
                 roll = generate(model, ids, self.sampling, tok.stop_token_ids, tok.pad_token_id,
-                                num_samples=G, seed=self.seed, tokenizer=tok)
+                                num_samples=G, seed=self.seed * self.world + self.rank, tokenizer=tok)
             texts = roll.texts(tok)
             rewards, metrics = self._rewards(rows, texts)
             lengths = roll.mask.sum(1)

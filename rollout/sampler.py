@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import distributed
 from losses.nash_md import mixture_logits
 from model.transformer import KVCache
 
@@ -183,7 +184,8 @@ def generate(model, prompts: list[list[int]], config: SamplingConfig, stop_token
             finished = finished | torch.isin(tok, stop_ids)
             if config.stop_strings:
                 finished = _check_stop_strings(tok, alive, finished, texts_ids, tokenizer, config.stop_strings, tail)
-            if step == config.max_new_tokens - 1 or bool(finished.all()):
+            # under torchrun every rank must stop together: the sharded model's forward is a collective
+            if step == config.max_new_tokens - 1 or distributed.all_true(bool(finished.all())):
                 break
             logits = [m(tok[:, None], cache=c, cache_pos=P + step)[:, -1].float() for m, c in zip(models, caches)]
     finally:
