@@ -29,6 +29,7 @@ import glob
 import os
 import random
 import shutil
+import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -92,7 +93,9 @@ def save(root: str, step: int, model, optimizer, trainer_state: dict, keep: int 
         os.makedirs(tmp)
     distributed.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_SAVE)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=distributed.world_size() == 1)
+    with warnings.catch_warnings():  # one process: "assuming the intent is to save in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=distributed.world_size() == 1)
     torch.save(trainer_state, os.path.join(tmp, f"trainer_rank{distributed.rank()}.pt"))
     _fsync_tree(tmp)
     distributed.barrier()
@@ -132,6 +135,8 @@ def load(path: str, model, optimizer) -> dict:
     state = trainer_state(path)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_SAVE)
     saved = {"model": model_sd, "optim": optim_sd}
-    dcp.load(saved, checkpoint_id=path, no_dist=distributed.world_size() == 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(saved, checkpoint_id=path, no_dist=distributed.world_size() == 1)
     set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optim"], options=_LOAD)
     return state

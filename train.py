@@ -261,6 +261,8 @@ def train_loop(model, ref, tok, examples, cfg, run_dir, device, resume: str | No
     loss_fn = batches.resolve_loss(m.loss)
     loss_args = OmegaConf.to_container(m.loss_args, resolve=True) if m.get("loss_args") else {}
     source, total = make_source(kind, examples, tok, cfg, ref)
+    if (cfg.checkpoint_every or resume) and not hasattr(source, "state_dict"):
+        raise NotImplementedError(f"checkpoint_every/resume: the {kind} source has no state_dict() to save its position")
     opt, params, lr = make_optimizer(model, cfg, device)
     ckpt_root = os.path.join(run_dir, "checkpoints")
     start, skipped = 0, 0
@@ -315,8 +317,21 @@ def train_loop(model, ref, tok, examples, cfg, run_dir, device, resume: str | No
         loss_sum = distributed.mean(loss_sum)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, m.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
-            opt.zero_grad(set_to_none=True)  # the step never reaches the weights
+        if math.isfinite(loss_sum) and torch.isfinite(grad_norm):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            train_s = time.perf_counter() - t0
+            tps = distributed.total(ntok) / train_s
+            bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:,.0f}",
+                            **({"reward": f"{sums['reward']:.3f}"} if "reward" in sums else {}))
+            if step % cfg.log_every == 0 or step == total - 1:
+                if world > 1:  # every rank joins the reductions; rank 0 writes
+                    sums = {k: distributed.mean(v) for k, v in sums.items()}
+                if log:
+                    log.write(step=step, loss=loss_sum, lr=opt.param_groups[0]["lr"], grad_norm=grad_norm,
+                              tokens_per_s=tps, tokens=ntok, train_s=train_s, **sums)
+        else:  # the step never reaches the weights
+            opt.zero_grad(set_to_none=True)
             skipped += 1
             where = f"micro-batch {bad_micro}" if bad_micro is not None else "the gradient"
             indices = getattr(source, "last_indices", None)
@@ -329,19 +344,6 @@ def train_loop(model, ref, tok, examples, cfg, run_dir, device, resume: str | No
             if skipped > cfg.skip_budget:
                 raise FloatingPointError(f"{report}: skip budget exhausted. Lower method.lr, check the data "
                                          "at those examples, or raise skip_budget")
-            continue
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        train_s = time.perf_counter() - t0
-        tps = distributed.total(ntok) / train_s
-        bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:,.0f}",
-                        **({"reward": f"{sums['reward']:.3f}"} if "reward" in sums else {}))
-        if step % cfg.log_every == 0 or step == total - 1:
-            if world > 1:  # every rank joins the reductions; rank 0 writes
-                sums = {k: distributed.mean(v) for k, v in sums.items()}
-            if log:
-                log.write(step=step, loss=loss_sum, lr=opt.param_groups[0]["lr"], grad_norm=grad_norm,
-                          tokens_per_s=tps, tokens=ntok, train_s=train_s, **sums)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
             state = {"step": step + 1, "total": total, "skipped": skipped, "source": source.state_dict(),
                      "rng": checkpoint.rng_state(), "before": before}

@@ -1,0 +1,79 @@
+"""FSDP2 under torchrun on CPU (gloo): two processes train exactly like one with the same global batch.
+
+One process with grad_accum=2 and two processes with grad_accum=1 see the same two micro-batches per
+step (distributed.py: every rank draws the global step and keeps its share) and average the same
+gradients, so the loss trajectories and the final weights agree up to the order of floating-point
+reductions. Tolerance: 1e-5 relative on the losses, 1e-5 absolute on the weights (observed: ~1e-6
+and ~1e-7). The sharded checkpoints (torch.distributed.checkpoint) resume exactly under two
+processes, and an RL method splits its prompts over the ranks.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUIET = ["progress=false", "eval_before=false", "eval_after=false"]
+SFT = ["method=sft", "method.max_steps=4", "method.batch_size=4"]
+
+
+def train(run_dir, *overrides, nproc=1):
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    cmd = [*launch, os.path.join(REPO, "train.py"), f"hydra.run.dir={run_dir}", *overrides]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(run_dir, "checkpoints", "final", "model.safetensors"))
+
+
+def test_two_fsdp2_processes_match_one_process_and_resume_exactly(tmp_path):
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    train(one, *SFT, "method.grad_accum=2", *QUIET)
+    out = train(two, *SFT, "method.grad_accum=1", "checkpoint_every=2", *QUIET, nproc=2)
+    assert "x 2 processes" in out.stdout
+    a, b = [r["loss"] for r in metrics(one)], [r["loss"] for r in metrics(two)]
+    assert len(a) == len(b) == 4
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=0)
+    wa, wb = weights(one), weights(two)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5)
+
+    # the sharded checkpoint at step 2: one shard file per rank; resuming from it reproduces steps 2-3
+    ckpt = two / "checkpoints" / "step_00000002"
+    assert sorted(f for f in os.listdir(ckpt) if f.endswith(".distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, resumed / "checkpoints" / "step_00000002")
+    train(resumed, *SFT, "method.grad_accum=1", "checkpoint_every=2", *QUIET, f"resume={ckpt}", nproc=2)
+    assert [r["loss"] for r in metrics(resumed)] == b
+
+
+def test_grpo_splits_prompts_over_ranks_and_evaluates_on_rank_zero(tmp_path):
+    run = tmp_path / "grpo"
+    out = train(run, "method=grpo", "method.max_steps=2", "method.prompts_per_step=4", "method.num_generations=4",
+                "method.max_new_tokens=8", "progress=false", "eval_max_examples=8", "data.eval.style=null",
+                "data.eval.harmful=null", "data.eval.sft=null", "data.eval.preference=null", nproc=2)
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all("reward" in r and "rollout_s" in r for r in rows)
+    assert out.stdout.count("[posttrain] after 2 steps") == 1  # printed by rank 0 only
+    ev = json.loads((run / "eval.json").read_text())
+    assert 0.0 <= ev["after"]["accuracy"] <= 1.0
+    from model.load import load_model
+
+    model, _ = load_model(str(run / "checkpoints" / "final"), dtype="fp32", device="cpu")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
