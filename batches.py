@@ -73,7 +73,7 @@ def _to(batch: dict, device) -> dict:
 
 def _logps(model, seqs: list[dict], tok, device):
     b = _to(collate(seqs, tok.pad_token_id), device)
-    logp, mask = sequence_logprobs(model, b["input_ids"], b["loss_mask"])
+    logp, mask = sequence_logprobs(model, b["input_ids"], b["loss_mask"], document_ids=b.get("document_ids"))
     return logp, mask, int(b["attention_mask"].sum())
 
 

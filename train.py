@@ -31,7 +31,7 @@ from tqdm import tqdm
 import batches
 import checkpoint
 import distributed
-from data.formats import read_jsonl
+from data.formats import pack_examples, read_jsonl
 from evaluate import Evaluator, check_gates, gate_line
 from lora.inject import adapters_disabled, apply_adapters, export_merged
 from lora.peft_io import save_adapter
@@ -135,6 +135,10 @@ def load_examples(cfg, tok) -> list[dict]:
     examples = batches.load_examples(train_file(cfg), m.get("kind", "tokens"), m.data_format, tok, cfg.data.max_length)
     if m.get("pack"):
         examples = pack(examples, m.pack)
+    elif m.get("packing"):  # padding-free SFT: whole examples packed into rows, attention kept per example
+        n = len(examples)
+        examples = pack_examples(examples, cfg.data.max_length)
+        print(f"[posttrain] packed {n} examples into {len(examples)} rows of up to {cfg.data.max_length} tokens")
     return examples
 
 

@@ -263,16 +263,43 @@ def load_dataset(path: str, fmt: str, tok, max_length: int | None) -> tuple[list
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
-    """Right-pad a list of tokenized examples into LongTensors input_ids, attention_mask, loss_mask."""
+    """Right-pad a list of tokenized examples into LongTensors input_ids, attention_mask, loss_mask
+    (and document_ids, -1 on padding, when the examples are packed rows)."""
     if not examples:
         raise ValueError("collate: empty batch")
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(examples), width), dtype=torch.long)
     loss = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = "document_ids" in examples[0]
+    docs = torch.full((len(examples), width), -1, dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
         attn[i, :n] = 1
         loss[i, :n] = torch.tensor(e["loss_mask"], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+        if packed:
+            docs[i, :n] = torch.tensor(e["document_ids"], dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+    return {**batch, "document_ids": docs} if packed else batch
+
+
+def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
+    """Packed rows for padding-free SFT: consecutive tokenized examples concatenated while they fit
+    in `max_length` tokens, each token tagged with its example's index in the row (`document_ids`).
+
+    The model attends only within a document and restarts positions at each one
+    (model/transformer.py), so a packed row computes what its examples would alone, without the
+    padding a batch of mixed lengths carries. Order is kept; an example is never split.
+    """
+    rows, cur = [], None
+    for e in examples:
+        n = len(e["input_ids"])
+        if cur is None or len(cur["input_ids"]) + n > max_length:
+            cur = {"input_ids": [], "loss_mask": [], "document_ids": [], "truncated": False}
+            rows.append(cur)
+        doc = cur["document_ids"][-1] + 1 if cur["document_ids"] else 0
+        cur["input_ids"] += e["input_ids"]
+        cur["loss_mask"] += e["loss_mask"]
+        cur["document_ids"] += [doc] * n
+    return rows

@@ -107,12 +107,15 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     return logp.view(B, T)
 
 
-def sequence_logprobs(model, input_ids, loss_mask, attention_mask=None, temperature: float = 1.0):
+def sequence_logprobs(model, input_ids, loss_mask, attention_mask=None, temperature: float = 1.0,
+                      document_ids=None):
     """Per-token log-probs of input_ids[:, 1:] under `model`, and the shifted mask.
 
     Returns (logp (B, T-1), mask (B, T-1)): position t scores token t+1; mask is loss_mask[:, 1:].
-    attention_mask is only needed for left-padded batches (see model/transformer.py).
+    attention_mask is only needed for left-padded batches, document_ids for packed rows (see
+    model/transformer.py).
     """
-    hidden = model(input_ids, attention_mask=attention_mask, hidden_only=True)
+    kwargs = {"document_ids": document_ids} if document_ids is not None else {}
+    hidden = model(input_ids, attention_mask=attention_mask, hidden_only=True, **kwargs)
     logp = token_logprobs(hidden[:, :-1], model.lm_head_weight, input_ids[:, 1:], temperature)
     return logp, loss_mask[:, 1:].to(logp.dtype)

@@ -196,13 +196,16 @@ class Transformer(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                cache_pos: int = 0, hidden_only: bool = False):
+                cache_pos: int = 0, hidden_only: bool = False, document_ids=None):
         """Logits (B, T, V) for `input_ids` (B, T); final hidden states (B, T, H) with `hidden_only`.
 
         attention_mask: (B, T) 1 on real tokens. Needed only for left padding; right-padded
             training batches run the causal kernel without it.
         position_ids: (B, T); default: count of real tokens before each one (0 for the first real token).
         cache, cache_pos: write this step's keys/values at slots [cache_pos, cache_pos + T).
+        document_ids: (B, T) for packed rows (several examples in one row, no padding between them):
+            a token attends only to earlier tokens of its own document, and positions restart at 0
+            for each document, so every example computes exactly what it would alone.
         """
         B, T = input_ids.shape
         mask = None
@@ -214,6 +217,10 @@ class Transformer(nn.Module):
             if position_ids is None:
                 position_ids = keys.long().cumsum(-1)[:, -T:] - 1
             mask = _causal_mask(keys, T, cache_pos)
+        elif document_ids is not None:
+            mask = _document_mask(document_ids)
+            if position_ids is None:
+                position_ids = _document_positions(document_ids)
         elif attention_mask is not None:
             keys = attention_mask.bool()
             if position_ids is None:
@@ -234,6 +241,21 @@ class Transformer(nn.Module):
         if hidden_only:
             return x
         return F.linear(x, self.lm_head_weight)
+
+
+def _document_mask(doc: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean: causal attention inside each document of a packed row (block diagonal)."""
+    T = doc.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def _document_positions(doc: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its document (documents are contiguous runs of one id)."""
+    idx = torch.arange(doc.shape[1], device=doc.device).expand_as(doc)
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    return idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(-1).values
 
 
 def _causal_mask(keys: torch.Tensor, T: int, offset: int) -> torch.Tensor:
