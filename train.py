@@ -465,6 +465,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.model.get("compile"):  # regional: each block compiled once and reused by every layer's call
         for layer in model.model.layers:
             layer.compile(dynamic=True)
+        print(f"[posttrain] torch.compile: {len(model.model.layers)} transformer blocks (compiled on first use)")
     resume = resume_checkpoint(cfg, run_dir)
     results = {}
     evaluator = Evaluator(tok, eval_files(cfg), cfg.eval_max_examples)
