@@ -160,7 +160,7 @@ class AdaptersDisabled:
             return self.policy(*args, **kwargs)
 
 
-def add_adapters(model, cfg) -> bool:
+def add_adapters(model, cfg, verbose: bool = True) -> bool:
     """`lora=lora|dora|qlora`: wrap the target linears (freezing the rest). Returns whether it did."""
     a = cfg.lora
     if a.kind == "none":
@@ -169,8 +169,9 @@ def add_adapters(model, cfg) -> bool:
     names = apply_adapters(model, kind=a.kind, rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=targets,
                            use_rslora=a.use_rslora, quantize=a.quantize)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"[posttrain] {a.kind}{' (NF4 base)' if a.quantize else ''} adapters on {len(names)} linears: "
-          f"{n_train:,} trainable parameters")
+    if verbose and distributed.is_main():
+        print(f"[posttrain] {a.kind}{' (NF4 base)' if a.quantize else ''} adapters on {len(names)} linears: "
+              f"{n_train:,} trainable parameters")
     return True
 
 
@@ -393,7 +394,7 @@ def save_final(model, cfg, tok, run_dir: str, adapters: bool, dtype) -> str:
         if not distributed.is_main():
             return final
         model, _ = load_model(repo_path(cfg.model.path), dtype=dtype, device="cpu", with_tokenizer=False)
-        add_adapters(model, cfg)
+        add_adapters(model, cfg, verbose=False)
         model.load_state_dict(state, strict=False)
     if adapters:  # loads with peft.PeftModel.from_pretrained
         save_adapter(model, final, base_model_name_or_path=str(cfg.model.path), tokenizer=tok)
