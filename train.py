@@ -37,7 +37,7 @@ from lora.inject import adapters_disabled, apply_adapters, export_merged
 from lora.peft_io import save_adapter
 from model.load import add_score_head, auto_device, load_model, resolve_dtype, save_model
 from rollout.nash_md import NashMDSource, nash_md_loss_inputs
-from rollout.rl import RolloutSource, rollout_loss_inputs
+from rollout.rl import RolloutSource, micro_batch_shares, rollout_loss_inputs
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -297,9 +297,13 @@ def train_loop(model, ref, tok, examples, cfg, run_dir, device, resume: str | No
         # ranks; FSDP averages gradients over ranks, so they are scaled back up by the world size
         world = distributed.world_size()
         scale = world if loss_args.get("loss_type") == "dapo" else 1.0 / max(len(micro_batches), 1)
+        scales = [scale] * len(micro_batches)
+        if kind == "rollouts" and loss_args.get("loss_type") != "dapo":  # micro-batches may differ in size
+            scales = micro_batch_shares(micro_batches, loss_args.get("loss_type", "grpo"))
         n_items = distributed.total(sum(float(r["mask"].sum()) for mb in micro_batches for r in mb)) \
             if kind == "rollouts" else None
         for i, micro in enumerate(micro_batches):
+            scale = scales[i]
             try:
                 with autocast:
                     if kind == "rollouts":

@@ -209,3 +209,23 @@ def rollout_loss_inputs(model, ref, rows: list[dict], tok, device, temperature: 
         with torch.no_grad():
             inputs["ref_logps"] = completion_logprobs(ref, plens, seqs, width, tok.pad_token_id, temperature)
     return inputs, sum(len(s) for s in seqs), {"entropy": float(masked_mean(ent.detach(), mask))}
+
+
+def micro_batch_shares(micro_batches: list[list[dict]], loss_type: str = "grpo") -> list[float]:
+    """The factor on each micro-batch's loss so that the accumulated gradient is the whole batch's.
+
+    grpo_loss normalises inside the micro-batch it is given: grpo and dr_grpo by its number of
+    sequences, bnpo by its completion tokens. So each micro-batch counts by its share of the rows
+    (of the completion tokens for bnpo). A flat 1/k is right only for equal micro-batches: with rows
+    not a multiple of micro_batch_size (or fewer groups left by dynamic sampling) it gives each row
+    of a short last micro-batch more weight than the others. dapo divides by num_items_in_batch (the
+    whole batch's tokens) already and takes 1 for every micro-batch; it is not handled here.
+    """
+    if loss_type == "dapo":
+        raise ValueError("dapo losses are normalised by num_items_in_batch; their micro-batches take scale 1")
+    if loss_type == "bnpo":
+        sizes = [sum(float(r["mask"].sum()) for r in mb) for mb in micro_batches]
+    else:
+        sizes = [float(len(mb)) for mb in micro_batches]
+    total = sum(sizes)
+    return [s / total for s in sizes] if total > 0 else [1.0 / max(len(sizes), 1)] * len(sizes)
