@@ -298,7 +298,7 @@ def train_loop(model, ref, tok, examples, cfg, run_dir, device, resume: str | No
         world = distributed.world_size()
         scale = world if loss_args.get("loss_type") == "dapo" else 1.0 / max(len(micro_batches), 1)
         scales = [scale] * len(micro_batches)
-        if kind == "rollouts" and loss_args.get("loss_type") != "dapo":  # micro-batches may differ in size
+        if kind in ("rollouts", "nash_md") and loss_args.get("loss_type") != "dapo":  # micro-batches may differ in size
             scales = micro_batch_shares(micro_batches, loss_args.get("loss_type", "grpo"))
         n_items = distributed.total(sum(float(r["mask"].sum()) for mb in micro_batches for r in mb)) \
             if kind == "rollouts" else None
