@@ -109,7 +109,7 @@ class Ours:
         self.source.order = list(range(len(rows)))  # file order, as TRL's unshuffled sampler (benchmark only)
         self.loss_args = dict(self.m.loss_args)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=LR, betas=BETAS, weight_decay=0.0, fused=device.type == "cuda")
+        self.opt = torch.optim.AdamW(self.params, lr=LR, betas=BETAS, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
         self.model.train()
 
     def step(self) -> dict:

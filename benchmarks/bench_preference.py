@@ -19,7 +19,7 @@ checkpointing (TRL's DPOConfig turns it on by default: it is turned off here, as
 
 Ours, one step (train.train_loop's body, minimally): batches.loss_inputs("pairs", ...) ->
 losses.dpo.dpo_loss -> backward -> clip_grad_norm_ -> AdamW step (built as train.py builds it:
-fused on CUDA only) -> zero_grad, with the loss and metric reads train.py does. Theirs:
+fused on CPU and CUDA) -> zero_grad, with the loss and metric reads train.py does. Theirs:
 DPOTrainer(max_steps=...).train(); TRL tokenizes the data in its constructor, before any timing.
 
 Timing, interleaved: our step runs inside a TrainerCallback's on_step_end, right after each TRL
@@ -218,8 +218,8 @@ class Ours:
             apply_adapters(self.model, kind="lora", targets=list(DEFAULT_TARGETS), **LORA)
         self.ref = make_reference(self.model, OmegaConf.create({"method": {"reference": True}}), adapters)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        # as train.py builds it (fused only on CUDA)
-        self.opt = torch.optim.AdamW(self.params, lr=LR, weight_decay=0.0, fused=device.type == "cuda")
+        # as train.make_optimizer builds it (fused on CPU and CUDA)
+        self.opt = torch.optim.AdamW(self.params, lr=LR, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
         self.model.train()
         self.i, self.ntok = 0, []
 

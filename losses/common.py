@@ -99,6 +99,9 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     `chunk_tokens` positions at a time (default: as many as fit in CHUNK_ELEMENTS).
     """
     B, T, H = hidden.shape
+    if B * T == 0:  # nothing to score (e.g. every completion masked): empty, but still in the graph
+        zero = (hidden.sum(-1) * 0).float()
+        return (zero, zero.detach()) if with_entropy else zero
     n = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
     logp, ent = _TokenLogprobs.apply(hidden.reshape(-1, H), weight, labels.reshape(-1), float(temperature), n,
                                      with_entropy)
@@ -112,10 +115,15 @@ def sequence_logprobs(model, input_ids, loss_mask, attention_mask=None, temperat
     """Per-token log-probs of input_ids[:, 1:] under `model`, and the shifted mask.
 
     Returns (logp (B, T-1), mask (B, T-1)): position t scores token t+1; mask is loss_mask[:, 1:].
-    attention_mask is only needed for left-padded batches, document_ids for packed rows (see
-    model/transformer.py).
+    Only the masked positions are projected onto the vocabulary (prompt and padding tokens never
+    reach the head, which on a 150k vocabulary is most of a preference batch's head FLOPs); logp is
+    0 elsewhere. attention_mask is only needed for left-padded batches, document_ids for packed
+    rows (see model/transformer.py).
     """
     kwargs = {"document_ids": document_ids} if document_ids is not None else {}
     hidden = model(input_ids, attention_mask=attention_mask, hidden_only=True, **kwargs)
-    logp = token_logprobs(hidden[:, :-1], model.lm_head_weight, input_ids[:, 1:], temperature)
-    return logp, loss_mask[:, 1:].to(logp.dtype)
+    mask = loss_mask[:, 1:]
+    sel = mask.bool()
+    picked = token_logprobs(hidden[:, :-1][sel][None], model.lm_head_weight, input_ids[:, 1:][sel][None], temperature)
+    logp = picked.new_zeros(mask.shape).masked_scatter(sel, picked[0])
+    return logp, mask.to(logp.dtype)

@@ -82,3 +82,38 @@ def test_gradients_with_temperature_and_weighting_match_plain_autograd():
         (torch.log_softmax(h2 @ w2.T / 0.7, -1).gather(-1, y[..., None]).squeeze(-1) * coef).sum().backward()
         torch.testing.assert_close(h.grad, h2.grad)
         torch.testing.assert_close(w.grad, w2.grad)
+
+
+class _Head(torch.nn.Module):
+    """The smallest 'model' sequence_logprobs accepts: an embedding as hidden states and a head."""
+
+    def __init__(self, vocab=11, hidden=6):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, hidden)
+        self.lm_head_weight = torch.nn.Parameter(torch.randn(vocab, hidden))
+
+    def forward(self, ids, attention_mask=None, hidden_only=True):
+        return self.emb(ids)
+
+
+def test_sequence_logprobs_scores_only_masked_positions_with_full_softmax_values():
+    from losses.common import sequence_logprobs
+
+    torch.manual_seed(0)
+    model = _Head()
+    ids = torch.randint(0, 11, (3, 7))
+    loss_mask = torch.zeros_like(ids)
+    loss_mask[0, 2:] = 1
+    loss_mask[1, 5:] = 1  # row 2: nothing trained
+    logp, mask = sequence_logprobs(model, ids, loss_mask)
+    full = torch.log_softmax(model.emb(ids)[:, :-1] @ model.lm_head_weight.t(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    torch.testing.assert_close(logp, full * mask)  # the real values where trained, 0 elsewhere
+    (logp * mask).sum().backward()
+    g = model.lm_head_weight.grad.clone()
+    model.zero_grad()
+    (full * mask).sum().backward()
+    torch.testing.assert_close(g, model.lm_head_weight.grad)
+    # no trained token at all: zeros, and backward still runs
+    logp, mask = sequence_logprobs(model, ids, torch.zeros_like(ids))
+    assert logp.shape == (3, 6) and logp.abs().sum() == 0
+    (logp * mask).sum().backward()
