@@ -23,7 +23,7 @@ import inspect
 
 import torch
 
-from data.formats import collate, load_dataset, read_jsonl, tokenize_pair
+from data.formats import collate, load_dataset, pack_examples, read_jsonl, tokenize_pair
 from losses.common import sequence_logprobs
 from losses.reward import sequence_rewards
 
@@ -71,13 +71,41 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _logps(model, seqs: list[dict], tok, device):
-    b = _to(collate(seqs, tok.pad_token_id), device)
-    logp, mask = sequence_logprobs(model, b["input_ids"], b["loss_mask"], document_ids=b.get("document_ids"))
-    return logp, mask, int(b["attention_mask"].sum())
+PACK_ROW = 64  # padding-free rows hold up to max(PACK_ROW, longest sequence) tokens
 
 
-def _ref_logps(ref, seqs, tok, device):
+def _logps(model, seqs: list[dict], tok, device, padding_free: bool = False):
+    """Per-token log-probs (B, T-1) and shifted loss mask of `seqs`, and the real tokens run.
+
+    padding_free: the sequences run packed into a few rows (model/transformer.py document
+    attention) instead of padded to the longest one, and the log-probs are unpacked to the usual
+    (B, T-1) layout: same values, fewer tokens through the model.
+    """
+    if not padding_free or "document_ids" in seqs[0]:
+        b = _to(collate(seqs, tok.pad_token_id), device)
+        logp, mask = sequence_logprobs(model, b["input_ids"], b["loss_mask"], document_ids=b.get("document_ids"))
+        return logp, mask, int(b["attention_mask"].sum())
+    width = max(len(s["input_ids"]) for s in seqs)
+    rows = pack_examples(seqs, max(width, PACK_ROW))
+    b = _to(collate(rows, tok.pad_token_id), device)
+    row_logp, _ = sequence_logprobs(model, b["input_ids"], b["loss_mask"], document_ids=b["document_ids"])
+    r_idx, src, dst_i, dst_j, i = [], [], [], [], 0  # row r position start+j scores token j+1 of sequence i
+    for r, row in enumerate(rows):
+        start = 0
+        for n in torch.unique_consecutive(torch.tensor(row["document_ids"]), return_counts=True)[1].tolist():
+            r_idx += [r] * (n - 1)
+            src += range(start, start + n - 1)
+            dst_i += [i] * (n - 1)
+            dst_j += range(n - 1)
+            start, i = start + n, i + 1
+    picked = row_logp[torch.tensor(r_idx, device=device), torch.tensor(src, device=device)]
+    logp = row_logp.new_zeros(len(seqs), width - 1).index_put(
+        (torch.tensor(dst_i, device=device), torch.tensor(dst_j, device=device)), picked)
+    mask = collate(seqs, tok.pad_token_id)["loss_mask"][:, 1:].to(device=device, dtype=logp.dtype)
+    return logp, mask, sum(len(s["input_ids"]) for s in seqs)
+
+
+def _ref_logps(ref, seqs, tok, device, padding_free: bool = False):
     """Reference per-token log-probs: precomputed ones when the examples carry them, else a forward of `ref`."""
     if all("ref_logps" in s for s in seqs):
         width = max(len(s["input_ids"]) for s in seqs) - 1
@@ -86,7 +114,7 @@ def _ref_logps(ref, seqs, tok, device):
             out[i, :len(s["ref_logps"])] = torch.tensor(s["ref_logps"], device=device)
         return out
     with torch.no_grad():
-        return _logps(ref, seqs, tok, device)[0]
+        return _logps(ref, seqs, tok, device, padding_free)[0]
 
 
 class DatasetSource:
@@ -124,19 +152,23 @@ class DatasetSource:
         self.order, self.cursor = list(state["order"]), state["cursor"]
 
 
-def loss_inputs(kind: str, model, ref, examples: list[dict], tok, device) -> tuple[dict, int]:
-    """The keyword inputs of a loss for one micro-batch, and the number of real tokens it ran."""
+def loss_inputs(kind: str, model, ref, examples: list[dict], tok, device, padding_free: bool = True) -> tuple[dict, int]:
+    """The keyword inputs of a loss for one micro-batch, and the number of real tokens it ran.
+
+    padding_free (pairs, unpaired): the micro-batch's sequences run packed, not padded (`_logps`);
+    `method.padding_free=false` turns it off.
+    """
     if kind == "tokens":
         logps, mask, ntok = _logps(model, examples, tok, device)
         return {"logp": logps, "mask": mask}, ntok
     if kind == "pairs":
         seqs = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
-        logps, mask, ntok = _logps(model, seqs, tok, device)
+        logps, mask, ntok = _logps(model, seqs, tok, device, padding_free)
         B = len(examples)
         inputs = {"policy_chosen_logps": logps[:B], "policy_rejected_logps": logps[B:],
                   "chosen_mask": mask[:B], "rejected_mask": mask[B:]}
         if ref is not None or all("ref_logps" in s for s in seqs):
-            r = _ref_logps(ref, seqs, tok, device)
+            r = _ref_logps(ref, seqs, tok, device, padding_free)
             inputs.update(ref_chosen_logps=r[:B], ref_rejected_logps=r[B:])
         return inputs, ntok
     if kind == "reward_pairs":  # a reward model: the scalar head on each sequence's last real token
@@ -147,17 +179,18 @@ def loss_inputs(kind: str, model, ref, examples: list[dict], tok, device) -> tup
         return {"chosen_rewards": r[:B], "rejected_rewards": r[B:]}, int(b["attention_mask"].sum())
     if kind == "unpaired":
         seqs = [e["seq"] for e in examples]
-        logps, mask, ntok = _logps(model, seqs, tok, device)
+        logps, mask, ntok = _logps(model, seqs, tok, device, padding_free)
         labels = torch.tensor([e["label"] for e in examples], device=device)
         inputs = {"policy_logps": logps, "mask": mask, "labels": labels}
         # KL reference point: prompt i with the completion of example i+1 (mismatched pairs), no gradient
         kl = [tokenize_pair(e["prompt"], examples[(i + 1) % len(examples)]["completion"], tok, None)
               for i, e in enumerate(examples)]
         with torch.no_grad():
-            kl_logps, kl_mask, _ = _logps(model, kl, tok, device)
+            kl_logps, kl_mask, _ = _logps(model, kl, tok, device, padding_free)
             inputs.update(kl_policy_logps=kl_logps, kl_mask=kl_mask)
             if ref is not None:
-                inputs.update(ref_logps=_logps(ref, seqs, tok, device)[0], kl_ref_logps=_logps(ref, kl, tok, device)[0])
+                inputs.update(ref_logps=_logps(ref, seqs, tok, device, padding_free)[0],
+                              kl_ref_logps=_logps(ref, kl, tok, device, padding_free)[0])
         return inputs, ntok
     raise ValueError(f"unknown batch kind {kind!r}; expected one of {KINDS}")
 

@@ -311,7 +311,8 @@ def train_loop(model, ref, tok, examples, cfg, run_dir, device, resume: str | No
                     elif kind == "nash_md":
                         inputs, n, extra = nash_md_loss_inputs(model, ref, micro, tok, device, m.temperature)
                     else:
-                        (inputs, n), extra = batches.loss_inputs(kind, model, ref, micro, tok, device), {}
+                        (inputs, n), extra = batches.loss_inputs(kind, model, ref, micro, tok, device,
+                                                                 m.get("padding_free", True)), {}
                     loss, metrics = batches.call_loss(loss_fn, inputs, loss_args)
                 (loss * scale).backward()
             except torch.OutOfMemoryError as e:

@@ -17,7 +17,9 @@ checkpointing (TRL's DPOConfig turns it on by default: it is turned off here, as
         with the adapters disabled (ours: lora.inject.apply_adapters + train.AdaptersDisabled;
         TRL: a peft LoraConfig, TRL then disables the adapter for the reference forward).
 
-Ours, one step (train.train_loop's body, minimally): batches.loss_inputs("pairs", ...) ->
+Ours, one step (train.train_loop's body, minimally): batches.loss_inputs("pairs", ...) (padding-free,
+the product default: the 16 sequences run packed into rows with per-sequence attention, ~30% fewer
+tokens than padding them to the longest; TRL pads, as its padding_free needs flash-attention) ->
 losses.dpo.dpo_loss -> backward -> clip_grad_norm_ -> AdamW step (built as train.py builds it:
 fused on CPU and CUDA) -> zero_grad, with the loss and metric reads train.py does. Theirs:
 DPOTrainer(max_steps=...).train(); TRL tokenizes the data in its constructor, before any timing.

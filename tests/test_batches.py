@@ -69,3 +69,25 @@ def test_resolve_and_call_loss_pass_only_accepted_arguments():
     assert seen == {"beta": 3}
     with pytest.raises(ValueError, match="unknown batch kind"):
         batches.load_examples("x", "triples", "preference", None, 8)
+
+
+@pytest.mark.parametrize("kind,fmt,path", [("pairs", "preference", "preference_eval.jsonl"),
+                                           ("unpaired", "kto", "kto_eval.jsonl")])
+def test_padding_free_inputs_equal_padded_inputs(tiny, kind, fmt, path):
+    model, tok = tiny
+    ex = batches.load_examples(os.path.join(DATA, path), kind, fmt, tok, 256)[:8]
+    packed, n_packed = batches.loss_inputs(kind, model, model, ex, tok, "cpu", padding_free=True)
+    padded, n_padded = batches.loss_inputs(kind, model, model, ex, tok, "cpu", padding_free=False)
+    assert n_packed == n_padded and packed.keys() == padded.keys()
+    for k, v in padded.items():
+        torch.testing.assert_close(packed[k], v, atol=1e-5, rtol=1e-5, msg=k)
+    # gradients through the unpacking reach the same parameters with the same values
+    model.zero_grad()
+    sum(packed[k].sum() for k in packed if k.startswith("policy_")).backward()
+    g_packed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    padded, _ = batches.loss_inputs(kind, model, model, ex, tok, "cpu", padding_free=False)
+    sum(padded[k].sum() for k in padded if k.startswith("policy_")).backward()
+    for a, b in zip(g_packed, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    model.zero_grad()
