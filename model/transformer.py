@@ -94,6 +94,16 @@ class KVCache:
         self.v[layer][:, :, pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def index_select(self, index: torch.Tensor) -> "KVCache":
+        """A cache whose row i is this cache's row index[i] (differentiable: training forwards that
+        share one prompt prefill among its samples, rollout/rl.py)."""
+        new = object.__new__(KVCache)
+        new.k = [t.index_select(0, index) for t in self.k]
+        new.v = [t.index_select(0, index) for t in self.v]
+        new.mask = self.mask.index_select(0, index)
+        new.max_len = self.max_len
+        return new
+
     def repeat_interleave(self, n: int) -> "KVCache":
         """Each row repeated n times (row i -> rows i*n .. i*n+n-1): one prefill shared by n samples."""
         new = object.__new__(KVCache)

@@ -47,6 +47,45 @@ def completion_logprobs(model, prompt_lens: list[int], seqs: list[list[int]], wi
     return token_logprobs(h, model.lm_head_weight, labels, temperature, with_entropy=with_entropy)
 
 
+def shared_prompt_logprobs(model, prompt_lens: list[int], seqs: list[list[int]], width: int, pad_id: int,
+                           temperature: float = 1.0, with_entropy: bool = False):
+    """`completion_logprobs` with each prompt run once for all its samples (same values, with gradient).
+
+    A rollout batch holds G completions per prompt, and prompts are most of its tokens. Consecutive
+    rows with the same prompt form a group: the group's prompt is prefilled once (left-padded, into a
+    KV cache that keeps the autograd graph), the cache rows are repeated for the group's samples, and
+    the completions run on top of it. The prompt's last hidden state scores completion token 0; the
+    prompt's activations get the gradient of every sample of its group. Not with gradient
+    checkpointing (recomputing a block would write the cache a second time).
+    """
+    from model.transformer import KVCache
+
+    device = model.model.embed_tokens.weight.device
+    starts = [i for i in range(len(seqs)) if i == 0 or prompt_lens[i] != prompt_lens[i - 1]
+              or seqs[i][:prompt_lens[i]] != seqs[i - 1][:prompt_lens[i - 1]]]
+    counts = torch.tensor([b - a for a, b in zip(starts, starts[1:] + [len(seqs)])], device=device)
+    prompts = [seqs[i][:prompt_lens[i]] for i in starts]
+    P = max(len(p) for p in prompts)
+    pids = torch.full((len(prompts), P), pad_id, dtype=torch.long, device=device)
+    pmask = torch.zeros(len(prompts), P, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):  # left padding: every prompt ends at slot P - 1
+        pids[i, P - len(p):] = torch.tensor(p, device=device)
+        pmask[i, P - len(p):] = 1
+    cache = KVCache(model.config, len(prompts), P + width, device, model.model.embed_tokens.weight.dtype)
+    last = model(pids, attention_mask=pmask, cache=cache, cache_pos=0, hidden_only=True)[:, -1]
+    rows = torch.repeat_interleave(torch.arange(len(prompts), device=device), counts)
+    comp = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
+    cmask = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+    for i, (s, n) in enumerate(zip(seqs, prompt_lens)):
+        c = s[n:n + width]
+        comp[i, :len(c)] = torch.tensor(c, device=device)
+        cmask[i, :len(c)] = 1
+    hidden = model(comp[:, :-1], attention_mask=cmask[:, :-1], cache=cache.index_select(rows), cache_pos=P,
+                   hidden_only=True) if width > 1 else last.new_zeros(len(seqs), 0, last.shape[-1])
+    h = torch.cat([last[rows][:, None], hidden], 1)  # position j predicts completion token j
+    return token_logprobs(h, model.lm_head_weight, comp, temperature, with_entropy=with_entropy)
+
+
 class RolloutSource:
     """Yields the micro-batches of each optimiser step for kind `rollouts`."""
 
@@ -200,14 +239,16 @@ def rollout_loss_inputs(model, ref, rows: list[dict], tok, device, temperature: 
     the number of tokens run, and the policy entropy on the completion tokens."""
     width = rows[0]["mask"].shape[0]
     seqs, plens = [r["seq"] for r in rows], [r["prompt_len"] for r in rows]
-    logps, ent = completion_logprobs(model, plens, seqs, width, tok.pad_token_id, temperature, with_entropy=True)
+    # one prompt prefill per group (same values); a plain padded forward under gradient checkpointing
+    logprobs = completion_logprobs if getattr(model, "gradient_checkpointing", False) else shared_prompt_logprobs
+    logps, ent = logprobs(model, plens, seqs, width, tok.pad_token_id, temperature, with_entropy=True)
     mask = torch.stack([r["mask"] for r in rows]).to(device)
     inputs = {"logps": logps, "old_logps": torch.stack([r["old_logps"] for r in rows]).to(device), "mask": mask,
               "advantages": torch.stack([r["advantage"] for r in rows]).to(device),
               "num_items_in_batch": n_items}
     if ref is not None:
         with torch.no_grad():
-            inputs["ref_logps"] = completion_logprobs(ref, plens, seqs, width, tok.pad_token_id, temperature)
+            inputs["ref_logps"] = shared_prompt_logprobs(ref, plens, seqs, width, tok.pad_token_id, temperature)
     return inputs, sum(len(s) for s in seqs), {"entropy": float(masked_mean(ent.detach(), mask))}
 
 

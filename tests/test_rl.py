@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from data.formats import read_jsonl
 from model.load import load_model
 from losses.grpo import grpo_loss
-from rollout.rl import RolloutSource, completion_logprobs, micro_batch_shares, rollout_loss_inputs
+from rollout.rl import (RolloutSource, completion_logprobs, micro_batch_shares, rollout_loss_inputs,
+                        shared_prompt_logprobs)
 from rollout.rewards import register
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,3 +124,32 @@ def test_train_py_gradient_does_not_depend_on_micro_batch_size(tmp_path):
         norms.append(json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["grad_norm"])
     assert norms[0] > 0.1  # some group has a reward spread (else the comparison says nothing)
     assert norms[1] == pytest.approx(norms[0], rel=1e-4)
+
+
+def test_shared_prompt_forward_equals_one_forward_per_sample(tiny):
+    """Groups of consecutive rows with one prompt (and a prompt that comes back later, as its own
+    group): one prefill per group gives each sample's completion log-probs, entropy and gradient."""
+    model, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    pa, pb = torch.randint(5, 600, (12,), generator=g).tolist(), torch.randint(5, 600, (7,), generator=g).tolist()
+    seqs, plens = [], []
+    for p, n in ((pa, 3), (pb, 2), (pa, 1)):
+        for j in range(n):
+            seqs.append(p + torch.randint(5, 600, (1 + (j * 3) % 5,), generator=g).tolist())
+            plens.append(len(p))
+    width = max(len(s) - n for s, n in zip(seqs, plens))
+    mask = torch.zeros(len(seqs), width)
+    for i, (s, n) in enumerate(zip(seqs, plens)):
+        mask[i, :len(s) - n] = 1
+    grads = []
+    for fn in (completion_logprobs, shared_prompt_logprobs):
+        model.zero_grad()
+        logp, ent = fn(model, plens, seqs, width, 0, 0.9, with_entropy=True)
+        (logp * mask).sum().backward()
+        grads.append(([p.grad.clone() for p in model.parameters()], logp.detach() * mask, ent * mask))
+    model.zero_grad()
+    (ga, la, ea), (gb, lb, eb) = grads
+    torch.testing.assert_close(lb, la, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(eb, ea, atol=2e-5, rtol=1e-5)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-4)
