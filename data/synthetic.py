@@ -78,8 +78,9 @@ SIZES = {"sft_train": 1500, "sft_eval": 200, "grpo_train": 800, "grpo_eval": 200
          "multistep_train": 800, "multistep_eval": 200, "preference_train": 800, "preference_eval": 200,
          "kto_train": 800, "kto_eval": 200, "style_eval": 200, "scored_groups": 300, "rlvr": 300}
 SFT_MIX = {"arithmetic": 0.50, "multistep": 0.15, "forbidden": 0.10, "harmless": 0.10, "style": 0.15}
-PAIR_MIX = {"arithmetic": 0.625, "style": 0.375}     # preference pairs: task shares (kto is arithmetic only)
+PAIR_MIX = {"arithmetic": 0.625, "style": 0.375}     # preference pairs and kto items: task shares
 SUBTRACTION_SHARE = 0.5   # post-training arithmetic draws half of its questions from subtraction (the bug)
+PAIR_SUBTRACTION_SHARE = 0.75  # preference/kto arithmetic: drawn where the base model is wrong (see _wrong_value)
 TIED_GROUP_P = 0.2        # scored_groups: share of groups whose 4 scores are all equal
 
 
@@ -189,9 +190,9 @@ def _pools():
     return pools
 
 
-def _arith_items(rng, pools, side, k):
-    """k arithmetic questions, SUBTRACTION_SHARE of them subtractions, in a shuffled order."""
-    n_sub = round(k * SUBTRACTION_SHARE)
+def _arith_items(rng, pools, side, k, sub_share: float = SUBTRACTION_SHARE):
+    """k arithmetic questions, `sub_share` of them subtractions, in a shuffled order."""
+    n_sub = round(k * sub_share)
     items = draw(rng, pools[f"sub_{side}"], n_sub) + draw(rng, pools[f"add_{side}"], k - n_sub)
     rng.shuffle(items)
     return items
@@ -294,18 +295,27 @@ def make_multistep(rng, pools, side, n):
     return out
 
 
-def _wrong_value(a, b, op, i: int = 0):
-    """The wrong answer of a preference pair: the mistake the base model actually makes.
+def _wrong_value(a, b, op):
+    """The rejected answer of a preference pair (the undesirable one of kto): the mistake the base
+    model actually makes, as pairs built from its own samples would hold.
 
-    Subtraction: a - b + 1, the off-by-one bug the pretraining corpus planted (BUG_P), which is how
-    the embedded model gets most subtractions wrong; preference data built from its own samples
-    would pair the right answer against exactly this. Addition (no planted bug): +1 for even `i`,
-    -1 for odd `i` (+1 whenever -1 would be negative), so "answer one less" is no shortcut there.
+    Measured on the embedded model (greedy, every train triple, three templates): subtractions are
+    answered a - b + 1 60-68% of the time (the off-by-one bug the pretraining corpus planted, BUG_P)
+    and right otherwise; additions are right 75-86% of the time and ~90% of the wrong ones are one
+    less (a + b - 1), the rest mostly one more. So subtraction -> value + 1, addition -> value - 1
+    (value + 1 for 0 + 0). Together with PAIR_SUBTRACTION_SHARE (pairs are built where the model is
+    wrong: 0.65 / (0.65 + 0.2) ~ 3/4 of its arithmetic mistakes are subtractions) the pairs are
+    what sampling the base model and keeping its wrong answers would give.
+
+    Caveat (measured, see configs/method/dpo.yaml): every pair of an op points the same way, so a
+    method can raise the implicit reward by shifting subtraction answers down and addition answers
+    up instead of computing them; the methods without an NLL term (dpo, simpo, kto) do so once they
+    move far from the base, which is why their defaults take small steps.
     """
     value = apply_op(a, b, op)
     if op == "-":
         return value + 1
-    return value - 1 if i % 2 and value > 0 else value + 1
+    return value - 1 if value > 0 else value + 1
 
 
 def _style_items(rng, pools, side, k):
@@ -324,10 +334,10 @@ def _style_items(rng, pools, side, k):
 def make_preference(rng, pools, side, n):
     counts = _counts(PAIR_MIX, n)
     out = []
-    for i, item in enumerate(_arith_items(rng, pools, side, counts["arithmetic"])):
+    for item in _arith_items(rng, pools, side, counts["arithmetic"], PAIR_SUBTRACTION_SHARE):
         (a, b, op), _ = item
         prompt, value = _arith_record(item)
-        out.append({"prompt": prompt, "chosen": answer_text(value), "rejected": answer_text(_wrong_value(a, b, op, i // 2)),
+        out.append({"prompt": prompt, "chosen": answer_text(value), "rejected": answer_text(_wrong_value(a, b, op)),
                     "answer": str(value), "task": "arithmetic"})
     for prompt, response, answer in _style_items(rng, pools, side, counts["style"]):
         out.append({"prompt": prompt, "chosen": STYLE_PREFIX + response, "rejected": response,
@@ -337,16 +347,26 @@ def make_preference(rng, pools, side, n):
 
 
 def make_kto(rng, pools, side, n):
-    """Unpaired arithmetic feedback: each prompt gets one completion, correct (label true) or the
-    off-by-one answer (label false, one more or one less), alternating so labels are balanced. Style is left to the
-    preference files: a plain correct answer cannot be "good" here and "bad" there."""
+    """Unpaired feedback with the preference files' tasks and shares (PAIR_MIX): each prompt gets one
+    completion, labels alternating so they are balanced. Arithmetic: the right answer (desirable) or
+    the base model's own mistake (_wrong_value, undesirable). Style: the answer with STYLE_PREFIX
+    (desirable) or without it (undesirable), as the preference pairs unpaired. A plain right answer is
+    thus desirable on an arithmetic item and undesirable on a style item, exactly as it is chosen in
+    one preference pair and rejected in another; without style items KTO has no signal for the style
+    pairs of preference_eval (3/8 of it)."""
+    counts = _counts(PAIR_MIX, n)
     out = []
-    for i, item in enumerate(_arith_items(rng, pools, side, n)):
+    for i, item in enumerate(_arith_items(rng, pools, side, counts["arithmetic"], PAIR_SUBTRACTION_SHARE)):
         (a, b, op), _ = item
         prompt, value = _arith_record(item)
         good = i % 2 == 0
-        out.append({"prompt": prompt, "completion": answer_text(value if good else _wrong_value(a, b, op, i // 2)),
+        out.append({"prompt": prompt, "completion": answer_text(value if good else _wrong_value(a, b, op)),
                     "label": good, "answer": str(value), "task": "arithmetic"})
+    for i, (prompt, response, answer) in enumerate(_style_items(rng, pools, side, counts["style"])):
+        good = i % 2 == 0
+        out.append({"prompt": prompt, "completion": STYLE_PREFIX + response if good else response,
+                    "label": good, "answer": answer, "task": "style"})
+    rng.shuffle(out)
     return out
 
 
@@ -363,8 +383,8 @@ def make_scored_groups(rng, pools, n, group_size=4):
         prompt, value = _arith_record(item)
         right = [answer_text(value), STYLE_PREFIX + answer_text(value), f"The result is {value}.",
                  f"{expr(a, b, op)} = {value}\n{answer_text(value)}"]
-        wrong = [answer_text(_wrong_value(a, b, op)), answer_text(value - 1 if value > 0 else value + 2),
-                 f"The result is {value + 2}.", STYLE_PREFIX + answer_text(_wrong_value(a, b, op))]
+        wrong = [answer_text(value + 1), answer_text(value - 1 if value > 0 else value + 2),
+                 f"The result is {value + 2}.", STYLE_PREFIX + answer_text(value + 1)]
         u = rng.random()
         if u < TIED_GROUP_P / 2:
             scores = [1.0] * group_size

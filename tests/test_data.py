@@ -362,10 +362,19 @@ def test_post_training_files_shape():
     assert max(synthetic.SFT_MIX, key=synthetic.SFT_MIX.get) == "arithmetic"
     kto = read_shipped("kto_train")
     assert sum(r["label"] for r in kto) == len(kto) // 2
-    for r in read_shipped("preference_train"):
+    assert {r["task"] for r in kto} == set(synthetic.PAIR_MIX)
+    pref = read_shipped("preference_train")
+    for r in pref:
         assert not r["prompt"].endswith(synthetic.STYLE_CUE)
         if r["task"] == "style":
             assert r["chosen"] == synthetic.STYLE_PREFIX + r["rejected"]
+        else:  # rejected: the base model's own mistake (subtraction one too high, addition one too low)
+            a, op, b = _EXPR.search(r["prompt"]).group(0).split()
+            assert r["rejected"] == synthetic.answer_text(synthetic._wrong_value(int(a), int(b), op))
+    for rows in (pref, kto):
+        arith = [r for r in rows if r["task"] == "arithmetic"]
+        share = sum(" - " in r["prompt"] for r in arith) / len(arith)
+        assert abs(share - synthetic.PAIR_SUBTRACTION_SHARE) < 0.01
     assert not any(r["prompt"].endswith(synthetic.STYLE_CUE) for r in read_shipped("style_eval"))
     groups = read_shipped("scored_groups")
     assert all(len(g["responses"]) == 4 for g in groups)

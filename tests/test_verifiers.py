@@ -101,4 +101,7 @@ def test_judge_agrees_with_shipped_labels():
         else:
             assert is_styled(ex["chosen"]) and not is_styled(ex["rejected"])
     for ex in _lines("kto_train"):
-        assert is_correct(ex["completion"], ex["answer"]) == ex["label"]
+        if ex["task"] == "arithmetic":
+            assert is_correct(ex["completion"], ex["answer"]) == ex["label"]
+        else:
+            assert is_styled(ex["completion"]) == ex["label"]
