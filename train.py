@@ -296,14 +296,15 @@ def train_loop(model, ref, tok, examples, cfg, run_dir, device, resume: str | No
         # token-sum losses (dapo) are already normalised by the whole batch's token count, over all
         # ranks; FSDP averages gradients over ranks, so they are scaled back up by the world size
         world = distributed.world_size()
-        scale = world if loss_args.get("loss_type") == "dapo" else 1.0 / max(len(micro_batches), 1)
-        scales = [scale] * len(micro_batches)
-        if kind in ("rollouts", "nash_md") and loss_args.get("loss_type") != "dapo":  # micro-batches may differ in size
+        if loss_args.get("loss_type") == "dapo":
+            scales = [world] * len(micro_batches)
+        elif kind in ("rollouts", "nash_md"):  # micro-batches may differ in size: each counts by its share
             scales = micro_batch_shares(micro_batches, loss_args.get("loss_type", "grpo"))
+        else:
+            scales = [1.0 / len(micro_batches)] * len(micro_batches)
         n_items = distributed.total(sum(float(r["mask"].sum()) for mb in micro_batches for r in mb)) \
             if kind == "rollouts" else None
-        for i, micro in enumerate(micro_batches):
-            scale = scales[i]
+        for i, (micro, scale) in enumerate(zip(micro_batches, scales)):
             try:
                 with autocast:
                     if kind == "rollouts":
