@@ -70,14 +70,11 @@ def shard(model, mixed_precision: bool) -> None:
 
 def mean(x: float) -> float:
     """The average of a Python number over ranks (itself on one process)."""
-    if world_size() == 1:
-        return x
-    t = torch.tensor([float(x)], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item() / world_size()
+    return total(x) / world_size()
 
 
 def total(x: float) -> float:
+    """The sum of a Python number over ranks (itself on one process)."""
     if world_size() == 1:
         return x
     t = torch.tensor([float(x)], dtype=torch.float64)

@@ -478,8 +478,9 @@ def run(cfg: DictConfig) -> dict:
     evaluator = Evaluator(tok, eval_files(cfg), cfg.eval_max_examples)
     if cfg.method.get("kind") == "reward_pairs":  # a reward model is judged on held-out pairs, not by generating
         evaluator = lambda model: reward_accuracy(model, tok, cfg, device)  # noqa: E731
-    if resume and checkpoint.trainer_state(resume).get("before") is not None:
-        results["before"] = checkpoint.trainer_state(resume)["before"]  # measured on the same start by the first run
+    before = checkpoint.trainer_state(resume).get("before") if resume else None
+    if before is not None:
+        results["before"] = before  # measured on the same start by the first run
     elif cfg.eval_before:
         results["before"] = evaluator(model)
         if distributed.is_main():
