@@ -37,7 +37,10 @@ from lora.inject import adapters_disabled, apply_adapters, export_merged
 from lora.peft_io import save_adapter
 from model.load import add_score_head, auto_device, load_model, resolve_dtype, save_model
 from rollout.nash_md import NashMDSource, nash_md_loss_inputs
+from rollout.pairs import sample_pairs
+from rollout.rewards import get_rewards
 from rollout.rl import RolloutSource, micro_batch_shares, rollout_loss_inputs
+from rollout.sampler import SamplingConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -129,10 +132,36 @@ def eval_files(cfg) -> dict:
     return {k: repo_path(v) for k, v in sets.items() if v}
 
 
-def load_examples(cfg, tok) -> list[dict]:
+def on_policy_file(cfg, tok, model, run_dir: str) -> str:
+    """`method.on_policy`: preference pairs from the starting model's own samples (rollout/pairs.py),
+    plus the training file's rows whose `task` is in `keep_tasks`, written to
+    run_dir/on_policy_pairs.jsonl (the file the run then trains on, checked like any other)."""
+    o, m = cfg.method.on_policy, cfg.method
+    rows = read_jsonl(repo_path(o.prompts), "prompt")
+    sampling = SamplingConfig(max_new_tokens=o.max_new_tokens, temperature=o.temperature)
+    pairs, stats = sample_pairs(model, tok, rows, get_rewards([o.reward])[0], samples=o.samples, sampling=sampling,
+                                seed=cfg.seed, pairs_per_prompt=o.pairs_per_prompt, progress=bool(cfg.progress))
+    keep = set(o.get("keep_tasks") or [])
+    kept = [r for r in read_jsonl(train_file(cfg), m.data_format) if r.get("task") in keep] if keep else []
+    if not pairs and not kept:
+        raise ValueError(f"method.on_policy: no pairs from {o.prompts} (every prompt's {o.samples} samples agreed: "
+                         f"{stats}) and no kept rows; raise temperature or samples")
+    path = os.path.join(run_dir, "on_policy_pairs.jsonl")
+    if distributed.is_main():
+        print(f"[posttrain] on-policy pairs: {stats['pairs']} from {stats['prompts']} prompts x {o.samples} samples "
+              f"(samples right {stats['sample_accuracy']:.0%}, all right {stats['all_right']:.0%}, all wrong "
+              f"{stats['all_wrong']:.0%}) + {len(kept)} rows of tasks {sorted(keep)} -> {path}")
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in pairs + kept)
+    distributed.barrier()
+    return path
+
+
+def load_examples(cfg, tok, model=None, run_dir: str | None = None) -> list[dict]:
     """The tokenized training set (read and validated whole before anything else happens)."""
     m = cfg.method
-    examples = batches.load_examples(train_file(cfg), m.get("kind", "tokens"), m.data_format, tok, cfg.data.max_length)
+    path = on_policy_file(cfg, tok, model, run_dir) if m.get("on_policy") else train_file(cfg)
+    examples = batches.load_examples(path, m.get("kind", "tokens"), m.data_format, tok, cfg.data.max_length)
     if m.get("pack"):
         examples = pack(examples, m.pack)
     elif m.get("packing"):  # padding-free SFT: whole examples packed into rows, attention kept per example
@@ -458,7 +487,7 @@ def run(cfg: DictConfig) -> dict:
             json.dump(results, f, indent=2)
         return results
 
-    examples = load_examples(cfg, tok)
+    examples = load_examples(cfg, tok, model, run_dir)
     if cfg.method.get("kind") == "reward_pairs" and not hasattr(model, "score"):
         add_score_head(model)
         torch.nn.init.normal_(model.score.weight, std=model.config.hidden_size ** -0.5)

@@ -20,6 +20,13 @@ and z = β·h, the per-pair losses are (β = 0.1 by default, as in TRL):
 ε = label_smoothing (default 0). Both formulas are TRL's `loss_type` "sigmoid" / "robust"; with
 ε = 0 they are the plain DPO loss. hinge and ipo take no ε (passing one is an error).
 
+RPO (Pang et al. 2024, Iterative Reasoning Preference Optimization, https://arxiv.org/abs/2404.19733):
+with α = rpo_alpha > 0 the loss gains α·NLL(y_c), the negative log-likelihood of the chosen
+completions as a per-token mean over every chosen token of the batch (TRL's loss_type
+["sigmoid", "sft"] with loss_weights [1, α]). DPO only moves the margin, so on pairs whose rejected
+answers all lie on one side of the chosen one it can lower both and shift the answer past the right
+value; the NLL term holds the chosen answer up. α = 0 (default) is plain DPO; the paper uses α = 1.
+
 Normalisers. Sequence log-probs are sums over completion tokens (masked_sum, prompt and padding
 excluded), except for ipo, which uses per-token means (masked_mean) as IPO and TRL do, so IPO is
 invariant to completion length. The loss is the mean over pairs.
@@ -44,7 +51,7 @@ LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
              chosen_mask, rejected_mask, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0):
+             label_smoothing: float = 0.0, rpo_alpha: float = 0.0):
     """All inputs (B, T): per-token log-probs and 0/1 completion masks. Returns (loss, metrics)."""
     eps = label_smoothing
     if loss_type not in LOSS_TYPES:
@@ -55,6 +62,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         raise ValueError(f"label_smoothing must be in [0, 0.5] for cDPO, got {eps}")
     if loss_type == "robust" and not 0 <= eps < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5) for robust DPO, got {eps}")
+    if rpo_alpha < 0:
+        raise ValueError(f"rpo_alpha must be >= 0 (0 = plain DPO), got {rpo_alpha}")
     if loss_type == "ipo" and beta <= 0:
         raise ValueError(f"ipo needs beta > 0 (its target margin is 1/(2*beta)), got {beta}")
 
@@ -75,6 +84,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     else:  # ipo
         losses = (h - 1 / (2 * beta)) ** 2
     loss = losses.mean()
+    nll = -(policy_chosen_logps * cm).sum() / cm.sum().clamp(min=1)
+    if rpo_alpha:
+        loss = loss + rpo_alpha * nll
 
     with torch.no_grad():
         r_c, r_r = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
@@ -86,6 +98,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
             "rewards/accuracies": (pi_c - ref_c > pi_r - ref_r).to(r_c.dtype).mean(),  # unscaled: defined at beta=0
             "logps/chosen": pi_c.mean(),
             "logps/rejected": pi_r.mean(),
+            "nll_loss": nll.detach(),
             "kl": (masked_sum(policy_chosen_logps - ref_chosen_logps, cm)
                    + masked_sum(policy_rejected_logps - ref_rejected_logps, rm)) / (cm.sum() + rm.sum()).clamp(min=1),
         }

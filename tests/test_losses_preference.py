@@ -52,15 +52,16 @@ def np_pair_loss(h, beta, loss_type, eps):
     raise AssertionError(loss_type)
 
 
-def np_dpo(pc, pr, rc, rr, mc, mr, beta, loss_type, eps):
+def np_dpo(pc, pr, rc, rr, mc, mr, beta, loss_type, eps, rpo_alpha=0.0):
     seq = np_avg if loss_type == "ipo" else np_sum
     lc, lr = seq(pc, mc) - seq(rc, mc), seq(pr, mr) - seq(rr, mr)
-    loss = np_pair_loss(lc - lr, beta, loss_type, eps).mean()
+    nll = -np_token_mean(pc, mc)  # RPO: chosen NLL, a mean over every chosen token of the batch
+    loss = np_pair_loss(lc - lr, beta, loss_type, eps).mean() + rpo_alpha * nll
     tok = np.concatenate([np.where(mc > 0, pc - rc, 0.0), np.where(mr > 0, pr - rr, 0.0)])
     metrics = {"rewards/chosen": (beta * lc).mean(), "rewards/rejected": (beta * lr).mean(),
                "rewards/margins": (beta * (lc - lr)).mean(), "rewards/accuracies": (lc > lr).mean(),
                "logps/chosen": seq(pc, mc).mean(), "logps/rejected": seq(pr, mr).mean(),
-               "kl": tok.sum() / (mc.sum() + mr.sum())}
+               "nll_loss": nll, "kl": tok.sum() / (mc.sum() + mr.sum())}
     return loss, metrics
 
 
@@ -155,6 +156,32 @@ def test_dpo_matches_numpy(loss_type, eps, beta):
     check(loss, metrics, *np_dpo(pc, pr, rc, rr, mc, mr, beta, loss_type, eps))
 
 
+@pytest.mark.parametrize("loss_type,alpha", [("sigmoid", 1.0), ("sigmoid", 0.3), ("ipo", 1.0)])
+def test_rpo_matches_numpy(loss_type, alpha):
+    (pc, mc), (pr, mr) = rand_batch(21)
+    rc, rr = ref_logps(pc, mc, 22), ref_logps(pr, mr, 23)
+    loss, metrics = dpo_loss(t(pc), t(pr), t(rc), t(rr), t(mc), t(mr), beta=0.1, loss_type=loss_type, rpo_alpha=alpha)
+    check(loss, metrics, *np_dpo(pc, pr, rc, rr, mc, mr, 0.1, loss_type, 0.0, rpo_alpha=alpha))
+
+
+def test_rpo_term_holds_the_chosen_answer_up():
+    """RPO's NLL term: at alpha=0 it is plain DPO; with alpha>0 the gradient on the chosen log-probs
+    gains exactly alpha/n_chosen_tokens per token (pushing the chosen answer up even where DPO's
+    margin term has saturated), and the rejected gradient is unchanged."""
+    (pc, mc), (pr, mr) = rand_batch(24)
+    rc, rr = ref_logps(pc, mc, 25), ref_logps(pr, mr, 26)
+    plain, _ = dpo_loss(t(pc), t(pr), t(rc), t(rr), t(mc), t(mr))
+    zero, _ = dpo_loss(t(pc), t(pr), t(rc), t(rr), t(mc), t(mr), rpo_alpha=0.0)
+    assert zero.item() == plain.item()
+    grads = []
+    for alpha in (0.0, 2.0):
+        c, r = t(pc).requires_grad_(), t(pr).requires_grad_()
+        dpo_loss(c, r, t(rc), t(rr), t(mc), t(mr), rpo_alpha=alpha)[0].backward()
+        grads.append((c.grad.numpy(), r.grad.numpy()))
+    np.testing.assert_allclose(grads[1][0] - grads[0][0], np.where(mc > 0, -2.0 / mc.sum(), 0.0), atol=1e-12)
+    np.testing.assert_allclose(grads[1][1], grads[0][1], atol=1e-12)
+
+
 @pytest.mark.parametrize("lam", [0.1, 1.0])
 def test_orpo_matches_numpy(lam):
     (pc, mc), (pr, mr) = rand_batch(3)
@@ -209,6 +236,7 @@ ALL_LOSSES = {
     **{f"dpo-{lt}": (lambda c, r, m, lt=lt: dpo_loss(c, r, torch.zeros_like(c), torch.zeros_like(r), m, m,
                                                      loss_type=lt, label_smoothing=0.1 if lt in ("sigmoid", "robust") else 0.0))
        for lt in ("sigmoid", "robust", "hinge", "ipo")},
+    "rpo": lambda c, r, m: dpo_loss(c, r, torch.zeros_like(c), torch.zeros_like(r), m, m, rpo_alpha=1.0),
     **{f"cpo-{lt}": (lambda c, r, m, lt=lt: cpo_loss(c, r, m, m, loss_type=lt)) for lt in ("sigmoid", "hinge", "ipo")},
     "simpo": lambda c, r, m: simpo_loss(c, r, m, m, label_smoothing=0.1),
     "orpo": lambda c, r, m: orpo_loss(c, r, m, m),
@@ -353,7 +381,8 @@ def test_bad_arguments_are_rejected():
     cho, rej, m = seq_batch([1.0])
     z = torch.zeros_like(cho)
     for kw in (dict(loss_type="nope"), dict(loss_type="ipo", label_smoothing=0.1),
-               dict(loss_type="robust", label_smoothing=0.5), dict(loss_type="sigmoid", label_smoothing=0.7)):
+               dict(loss_type="robust", label_smoothing=0.5), dict(loss_type="sigmoid", label_smoothing=0.7),
+               dict(rpo_alpha=-1.0)):
         with pytest.raises(ValueError):
             dpo_loss(cho, rej, z, z, m, m, **kw)
     with pytest.raises(ValueError):
@@ -396,6 +425,7 @@ TINY_LOSSES = {
                                                          beta=0.5, loss_type=lt,
                                                          label_smoothing=0.2 if lt in ("sigmoid", "robust") else 0.0))
        for lt in ("sigmoid", "robust", "hinge", "ipo")},
+    "rpo": lambda pol, ref, m: dpo_loss(pol[:2], pol[2:], ref[:2], ref[2:], m[:2], m[2:], beta=0.5, rpo_alpha=1.0),
     **{f"cpo-{lt}": (lambda pol, ref, m, lt=lt: cpo_loss(pol[:2], pol[2:], m[:2], m[2:], loss_type=lt))
        for lt in ("sigmoid", "hinge", "ipo")},
     "simpo": lambda pol, ref, m: simpo_loss(pol[:2], pol[2:], m[:2], m[2:]),
