@@ -75,7 +75,7 @@ def test_dpo_on_policy_run_trains_on_its_own_samples_plus_the_kept_rows(tmp_path
     small.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(
         os.path.join(REPO, "data", "synthetic", "grpo_train.jsonl"), "prompt")[:16]))
     run_dir, out = run_train(tmp_path, "method=dpo_on_policy", f"method.on_policy.prompts={small}",
-                             "method.max_steps=2", "method.batch_size=4", "method.loss_args.rpo_alpha=1.0",
+                             "method.on_policy.keep_tasks=[style]", "method.max_steps=2", "method.batch_size=4",
                              "data.eval.arithmetic=null", "data.eval.style=null", "data.eval.harmful=null")
     rows = [json.loads(line) for line in (run_dir / "on_policy_pairs.jsonl").read_text().splitlines()]
     sampled = [r for r in rows if r["task"] == "on_policy"]

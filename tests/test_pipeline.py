@@ -26,3 +26,25 @@ def test_pipeline_stops_at_an_impossible_gate_and_keeps_the_last_good_model(tmp_
     assert saved["stopped_at"] == "second"
     out = capsys.readouterr().out
     assert "stopped at stage 'second': accuracy missed" in out
+
+
+def test_every_shipped_pipeline_stage_composes_to_a_valid_config():
+    """Each stage of configs/pipeline/*.yaml names a method config and overrides that Hydra accepts,
+    and every gate names a metric the stage's evaluation reports."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    metrics = {"accuracy", "format_rate", "style_rate", "refusal_rate", "preference_accuracy", "preference_gap",
+               "perplexity", "kl", "multistep_accuracy", "process_score"}
+    names = [f[:-5] for f in sorted(os.listdir(os.path.join(REPO, "configs", "pipeline"))) if f.endswith(".yaml")]
+    checked = 0
+    with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base=None):
+        for name in names:
+            stages = compose("config", overrides=[f"pipeline={name}"]).pipeline.stages
+            stages = OmegaConf.to_container(stages) if stages else []
+            for stage in stages:
+                cfg = compose("config", overrides=[f"method={stage['method']}", *stage.get("overrides", [])])
+                assert cfg.method.name and cfg.method.lr > 0
+                assert set(stage.get("gates") or {}) <= metrics, (name, stage["name"])
+                checked += 1
+    assert checked >= 3  # sft_grpo_dpo has three stages
