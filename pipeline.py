@@ -2,7 +2,7 @@
 
 Each stage is an ordinary `train.py` run in its own sub-directory of the pipeline's run directory,
 started from the previous stage's `checkpoints/final` (the first from `model.path`). After a stage,
-its eval.json "after" metrics are checked against the stage's gates (evaluate.check_gates: `kl` is a
+its eval.json "after" metrics are checked against the stage's gates (evaluation/metrics.py check_gates: `kl` is a
 maximum, every other metric a minimum). A failed gate stops the pipeline with a report of the metric
 that missed, and the result (`DIR/final`, `DIR/pipeline.json`) is the last model that passed. Stages
 run as subprocesses so each gets a fresh process, exactly as if run by hand.
@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 
-from evaluate import check_gates, gate_line
+from evaluation.metrics import check_gates, gate_line
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 

@@ -32,7 +32,7 @@ import batches
 import checkpoint
 import distributed
 from data.formats import pack_examples, read_jsonl
-from evaluate import Evaluator, check_gates, gate_line
+from evaluation.metrics import Evaluator, check_gates, gate_line
 from lora.inject import adapters_disabled, apply_adapters, export_merged
 from lora.peft_io import save_adapter
 from model.load import add_score_head, auto_device, load_model, resolve_dtype, save_model

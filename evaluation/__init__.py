@@ -1,1 +1,1 @@
-"""Evaluation helpers for evaluate.py: plots drawn from evaluation_stats.json."""
+"""Held-out metrics (metrics.py: eval.json, gates) and the figures of evaluate.py (plots.py)."""

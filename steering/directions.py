@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from evaluate import generate_texts
+from evaluation.metrics import generate_texts
 from steering.capture import encode_prompts, left_pad
 
 

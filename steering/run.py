@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data.synthetic import REFUSAL_MARKERS, STYLE_PREFIX
-from evaluate import check_gates, gate_line
+from evaluation.metrics import check_gates, gate_line
 from model.load import save_model
 from rollout.verifiers import is_refusal, is_styled
 from steering.abliterate import orthogonal_residual, orthogonalize

@@ -11,7 +11,10 @@ import pytest
 import torch
 
 import evaluate
-from evaluate import EvalError, Evaluator, generate_texts, load_for_eval, main, parse_args, perplexity
+from data.formats import DataError
+from evaluate import EvalError, load_for_eval, main, parse_args
+from evaluation.metrics import Evaluator, generate_texts, perplexity
+from rollout.verifiers import is_correct, is_refusal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the embedded model is tiny: one thread per process is many times faster than two on a shared CPU
@@ -151,10 +154,10 @@ def test_sample_responses_hold_each_models_generation(evaluated):
     for label in samples["models"]:
         r = first["responses"][label]
         assert isinstance(r["text"], str) and 1 <= r["tokens"] <= 12
-        assert r["correct"] == evaluate.is_correct(r["text"], first["answer"])
+        assert r["correct"] == is_correct(r["text"], first["answer"])
         assert r["tokens"] == stats["response_lengths"][label]["values"][0]
     harmful = samples["samples"][-1]["responses"]["base"]
-    assert harmful["refusal"] == evaluate.is_refusal(harmful["text"])
+    assert harmful["refusal"] == is_refusal(harmful["text"])
 
 
 def test_run_directory_without_metrics_is_a_clear_error(runs, tmp_path):
@@ -235,7 +238,7 @@ def test_data_argument_sniffs_the_held_out_set(tmp_path):
         evaluate.held_out_files([os.path.join(SYNTH, "harmful_eval.jsonl")], [])
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
-    with pytest.raises(evaluate.DataError, match=r"bad.jsonl:1: expected a JSON object"):
+    with pytest.raises(DataError, match=r"bad.jsonl:1: expected a JSON object"):
         evaluate.held_out_files([str(bad)], [])
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data.formats import DataError, read_jsonl
-from evaluate import generate_texts
+from evaluation.metrics import generate_texts
 from model.config import ModelConfig
 from model.load import load_model, save_model
 from model.transformer import Transformer
@@ -309,7 +309,7 @@ def _cfg(kind, **over):
 
 
 def test_run_abliterate_writes_results_direction_and_checkpoint(tiny, tmp_path):
-    from evaluate import Evaluator
+    from evaluation.metrics import Evaluator
     from steering.run import run_abliterate
 
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
@@ -325,7 +325,7 @@ def test_run_abliterate_writes_results_direction_and_checkpoint(tiny, tmp_path):
 
 
 def test_run_steer_writes_results_and_vector(tiny, tmp_path):
-    from evaluate import Evaluator
+    from evaluation.metrics import Evaluator
     from steering.run import run_steer
 
     model, tok = tiny
