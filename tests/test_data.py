@@ -222,7 +222,7 @@ def test_load_dataset_counts_and_reports_truncation(tiny_tokenizer, tmp_path, ca
     examples, stats = load_dataset(path, "sft", tok, max_length=40)
     assert stats == {"n": 3, "truncated": 3, "dropped": 1}
     assert all(len(e["input_ids"]) <= 40 and any(e["loss_mask"]) for e in examples)
-    assert f"truncated 3 of 4 examples to max_length=40 (1 dropped" in capsys.readouterr().out
+    assert "truncated 3 of 4 examples to max_length=40 (1 dropped" in capsys.readouterr().out
     examples, stats = load_dataset(path, "sft", tok, max_length=None)
     assert stats == {"n": 4, "truncated": 0, "dropped": 0} and capsys.readouterr().out == ""
     with pytest.raises(ValueError, match="load_dataset tokenizes formats"):
