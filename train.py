@@ -294,6 +294,7 @@ def train_loop(model, ref, tok, examples, cfg, run_dir, device, resume: str | No
     kind = m.get("kind", "tokens")
     loss_fn = batches.resolve_loss(m.loss)
     loss_args = OmegaConf.to_container(m.loss_args, resolve=True) if m.get("loss_args") else {}
+    completion_cap = loss_args.pop("max_completion_length", m.get("max_new_tokens"))  # dr_grpo's normaliser
     source, total = make_source(kind, examples, tok, cfg, ref)
     if (cfg.checkpoint_every or resume) and not hasattr(source, "state_dict"):
         raise NotImplementedError(f"checkpoint_every/resume: the {kind} source has no state_dict() to save its position")
@@ -337,7 +338,8 @@ def train_loop(model, ref, tok, examples, cfg, run_dir, device, resume: str | No
             try:
                 with autocast:
                     if kind == "rollouts":
-                        inputs, n, extra = rollout_loss_inputs(model, ref, micro, tok, device, m.temperature, n_items)
+                        inputs, n, extra = rollout_loss_inputs(model, ref, micro, tok, device, m.temperature, n_items,
+                                                               completion_cap)
                     elif kind == "nash_md":
                         inputs, n, extra = nash_md_loss_inputs(model, ref, micro, tok, device, m.temperature)
                     else:

@@ -234,9 +234,13 @@ class RolloutSource:
         return [rows[i:i + mb] for i in range(0, len(rows), mb)], dict(self.buffer["metrics"])
 
 
-def rollout_loss_inputs(model, ref, rows: list[dict], tok, device, temperature: float, n_items: float):
+def rollout_loss_inputs(model, ref, rows: list[dict], tok, device, temperature: float, n_items: float,
+                        max_completion_length: int | None = None):
     """Inputs of grpo_loss for a micro-batch of rollout rows (current, old and reference log-probs),
-    the number of tokens run, and the policy entropy on the completion tokens."""
+    the number of tokens run, and the policy entropy on the completion tokens.
+
+    `max_completion_length` (the configured max_new_tokens) is dr_grpo's constant normaliser; without
+    it grpo_loss would divide by this batch's longest completion, which changes from step to step."""
     width = rows[0]["mask"].shape[0]
     seqs, plens = [r["seq"] for r in rows], [r["prompt_len"] for r in rows]
     # one prompt prefill per group (same values); a plain padded forward under gradient checkpointing
@@ -246,6 +250,8 @@ def rollout_loss_inputs(model, ref, rows: list[dict], tok, device, temperature: 
     inputs = {"logps": logps, "old_logps": torch.stack([r["old_logps"] for r in rows]).to(device), "mask": mask,
               "advantages": torch.stack([r["advantage"] for r in rows]).to(device),
               "num_items_in_batch": n_items}
+    if max_completion_length is not None:
+        inputs["max_completion_length"] = max_completion_length
     if ref is not None:
         with torch.no_grad():
             inputs["ref_logps"] = shared_prompt_logprobs(ref, plens, seqs, width, tok.pad_token_id, temperature)

@@ -153,3 +153,21 @@ def test_shared_prompt_forward_equals_one_forward_per_sample(tiny):
     torch.testing.assert_close(eb, ea, atol=2e-5, rtol=1e-5)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-4)
+
+
+def test_dr_grpo_divides_by_the_configured_max_length_not_the_batch_width(tiny, rows):
+    """Dr. GRPO's normaliser is a constant (N x max_new_tokens); the batch's longest completion
+    changes from step to step and would rescale the gradient with it."""
+    model, tok = tiny
+    micro, _ = RolloutSource(rows, tok, method(max_new_tokens=12), seed=0).step(model)
+    mb = [r for m in micro for r in m]
+    g = torch.Generator().manual_seed(1)
+    for r in mb:
+        r["advantage"] = torch.randn((), generator=g)
+    capped, _, _ = rollout_loss_inputs(model, None, mb, tok, "cpu", 1.0, 1.0, max_completion_length=40)
+    loss, _ = grpo_loss(**capped, loss_type="dr_grpo")
+    with torch.no_grad():  # on-policy (ratio 1): the per-token loss is -advantage
+        want = -(capped["advantages"][:, None] * capped["mask"]).sum() / (len(mb) * 40)
+    torch.testing.assert_close(loss.detach(), want, atol=1e-6, rtol=1e-5)
+    plain, _, _ = rollout_loss_inputs(model, None, mb, tok, "cpu", 1.0, 1.0)
+    assert capped["mask"].shape[1] < 40 and abs(grpo_loss(**plain, loss_type="dr_grpo")[0].item() - loss.item()) > 1e-4
