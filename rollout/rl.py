@@ -128,20 +128,19 @@ class RolloutSource:
         self.buffer, self.uses = state["buffer"], state["uses"]
 
     def _rewards(self, rows: list[dict], texts: list[str]) -> tuple[torch.Tensor, dict]:
+        """The weighted total reward of each completion, and each function's rewards by name."""
         G = self.m.num_generations
         if self.offline:  # given groups: the seeds' `score`, or RLVR's `correct` flag as 1/0
             r = torch.tensor([float(x["score"]) if "score" in x else float(x["correct"]) for row in rows
                               for x in row["responses"]], dtype=torch.float32)
-            return r, {"rewards/given/mean": r.mean().item()}
+            return r, {"given": r}
         prompts = [r["prompt"] for r in rows for _ in range(G)]
         fields = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
-        total, metrics = torch.zeros(len(texts)), {}
+        total, parts = torch.zeros(len(texts)), {}
         for fn, w in zip(self.reward_fns, self.weights):
-            r = torch.tensor(fn(prompts, texts, **fields), dtype=torch.float32)
-            metrics[f"rewards/{fn.reward_name}/mean"] = r.mean().item()
-            metrics[f"rewards/{fn.reward_name}/std"] = r.std().item() if len(r) > 1 else 0.0
-            total += w * r
-        return total, metrics
+            parts[fn.reward_name] = torch.tensor(fn(prompts, texts, **fields), dtype=torch.float32)
+            total += w * parts[fn.reward_name]
+        return total, parts
 
     def _given(self, model, rows: list[dict], ids: list[list[int]]) -> Rollout:
         """Offline groups: the given responses as completions (+ eos), scored by the current policy
@@ -171,7 +170,7 @@ class RolloutSource:
         m, tok, G = self.m, self.tok, self.m.num_generations
         t0 = time.perf_counter()
         kept, dropped, rounds = [], 0, 0
-        metrics = {}
+        scored = {}  # each reward function's values over every sampling round (dropped groups included)
         while len(kept) < m.prompts_per_step and rounds <= m.get("max_resample", 0):
             rows = self._prompts(m.prompts_per_step - len(kept))
             ids = [tokenize_prompt(r["prompt"], tok) for r in rows]
@@ -182,7 +181,9 @@ class RolloutSource:
                 roll = generate(model, ids, self.sampling, tok.stop_token_ids, tok.pad_token_id,
                                 num_samples=G, seed=self.seed * self.world + self.rank, tokenizer=tok)
             texts = roll.texts(tok)
-            rewards, metrics = self._rewards(rows, texts)
+            rewards, parts = self._rewards(rows, texts)
+            for name, r in parts.items():
+                scored[name] = torch.cat([scored[name], r]) if name in scored else r
             lengths = roll.mask.sum(1)
             if m.get("overlong_cache"):
                 rewards = rewards + overlong_penalty(lengths, m.max_new_tokens, m.overlong_cache)
@@ -195,6 +196,8 @@ class RolloutSource:
                                  "old_logps": roll.logprobs[sl].cpu(), "mask": roll.mask[sl].cpu(),
                                  "truncated": roll.truncated[sl].cpu(), "rewards": rewards[sl], "texts": texts[sl]})
             rounds += 1
+        metrics = {f"rewards/{name}/{stat}": v for name, r in scored.items()
+                   for stat, v in (("mean", r.mean().item()), ("std", r.std().item() if len(r) > 1 else 0.0))}
         if not kept:  # every group tied even after resampling: train on nothing rather than crash
             return {"rows": [], "metrics": {**metrics, "dynamic_sampling/dropped": dropped, "rollout_s": time.perf_counter() - t0}}
         rewards = torch.cat([g["rewards"] for g in kept])

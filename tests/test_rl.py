@@ -72,6 +72,26 @@ def test_dynamic_sampling_drops_tied_groups_and_counts_them(tiny, rows):
     assert micro == [] and metrics["dynamic_sampling/dropped"] == 6  # 3 prompts x 2 rounds, all tied
 
 
+def test_dynamic_sampling_reward_metrics_cover_every_round(tiny, rows):
+    """The first round's groups all tie (reward 1) and are dropped; the resampled round scores 0 for the
+    first completion of each group and 1 otherwise. rewards/NAME/mean is over both rounds' 24
+    completions (the old code reported the last round only: 0.75), `reward` over the kept ones."""
+    model, tok = tiny
+    calls = []
+
+    @register("tied_then_spread_test")
+    def tied_then_spread(prompts, completions, **fields):
+        calls.append(len(completions))
+        return [1.0] * len(completions) if len(calls) == 1 else [0.0 if i % 4 == 0 else 1.0 for i in range(len(completions))]
+
+    src = RolloutSource(rows, tok, method(reward=["tied_then_spread_test"], dynamic_sampling=True, max_resample=1),
+                        seed=0)
+    micro, metrics = src.step(model)
+    assert calls == [12, 12] and metrics["dynamic_sampling/dropped"] == 3
+    assert metrics["rewards/tied_then_spread_test/mean"] == (12 + 9) / 24
+    assert metrics["reward"] == 0.75 and sum(len(mb) for mb in micro) == 12
+
+
 def test_completion_logprobs_align_with_completion_tokens(tiny):
     model, tok = tiny
     seqs = [[5, 6, 7, 8, 9], [5, 6, 7]]
