@@ -500,6 +500,10 @@ def run(cfg: DictConfig) -> dict:
         ref = None  # the log-probs live in the examples now; the copy's memory is freed
     if world > 1:
         distributed.shard(model, mixed_precision=device.type == "cuda")
+        if ref is not None and not isinstance(ref, AdaptersDisabled):  # the frozen copy: 1/N per rank, not N copies
+            distributed.shard(ref, mixed_precision=device.type == "cuda")
+            if distributed.is_main():
+                print(f"[posttrain] frozen reference sharded over {world} processes")
     if cfg.model.get("compile"):  # regional: each block compiled once and reused by every layer's call
         for layer in model.model.layers:
             layer.compile(dynamic=True)

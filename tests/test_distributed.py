@@ -74,6 +74,19 @@ def test_lora_dpo_with_gradient_checkpointing_matches_one_process(tmp_path):
     assert (tmp_path / "two" / "checkpoints" / "final" / "adapter_model.safetensors").exists()
 
 
+def test_full_dpo_shards_the_frozen_reference_and_matches_one_process(tmp_path):
+    # full fine-tuning: the reference is a frozen copy, sharded like the policy (not one replica per rank)
+    dpo = ["method=dpo", "method.max_steps=3", "method.batch_size=4", *QUIET]
+    train(tmp_path / "one", *dpo, "method.grad_accum=2")
+    out = train(tmp_path / "two", *dpo, nproc=2)
+    assert "x 2 processes" in out.stdout and "frozen reference sharded over 2 processes" in out.stdout
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for key in ("loss", "rewards/margins", "kl"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in b]), torch.tensor([r[key] for r in a]),
+                                   rtol=1e-5, atol=1e-7)
+    assert a[-1]["rewards/margins"] != 0  # the policy moved away from the reference
+
+
 def test_grpo_splits_prompts_over_ranks_and_evaluates_on_rank_zero(tmp_path):
     # each rank samples its own prompts, so generation lengths differ: the sampler must stop together
     run = tmp_path / "grpo"
