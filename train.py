@@ -262,7 +262,7 @@ def make_source(kind: str, examples, tok, cfg, ref):
     if kind == "rollouts":
         return RolloutSource(examples, tok, m, cfg.seed, rank=rank, world=world), m.max_steps
     if kind == "nash_md":
-        return NashMDSource(examples, tok, m, cfg.seed, ref), m.max_steps
+        return NashMDSource(examples, tok, m, cfg.seed, ref, rank=rank, world=world), m.max_steps
     source = batches.DatasetSource(examples, m.batch_size, m.grad_accum, cfg.seed, rank, world)
     return source, m.max_steps or math.ceil(len(examples) / (m.batch_size * m.grad_accum * world)) * m.epochs
 

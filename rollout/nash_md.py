@@ -37,10 +37,10 @@ class NashMDSource(RolloutSource):
     """Yields the micro-batches of each optimiser step for kind `nash_md` (prompts and rewards as
     RolloutSource; `ref` is the reference of the mixture: a frozen copy or the adapters-disabled base)."""
 
-    def __init__(self, rows: list[dict], tok, cfg, seed: int, ref):
+    def __init__(self, rows: list[dict], tok, cfg, seed: int, ref, rank: int = 0, world: int = 1):
         if ref is None:
             raise ValueError("method=nash_md samples y' from a mixture with the reference model: set method.reference=true")
-        super().__init__(rows, tok, cfg, seed)
+        super().__init__(rows, tok, cfg, seed, rank=rank, world=world)
         if self.offline:
             raise ValueError("method=nash_md generates its own pairs: the prompt file must not carry `responses`")
         self.ref = ref
@@ -70,13 +70,14 @@ class NashMDSource(RolloutSource):
         """Sample y and y' for one batch of prompts, score them and build the loss rows."""
         m, tok, G = self.m, self.tok, self.m.num_generations
         t0 = time.perf_counter()
-        rows = self._prompts(m.prompts_per_step)
+        rows = self._prompts(m.prompts_per_step)  # this rank's share of the step's prompts
         ids = [tokenize_prompt(r["prompt"], tok) for r in rows]
         self.seed += 1
+        seed = self.seed * self.world + self.rank
         y = generate(model, ids, self.sampling, tok.stop_token_ids, tok.pad_token_id, num_samples=G,
-                     seed=self.seed, tokenizer=tok)
+                     seed=seed, tokenizer=tok)
         y_mix = generate(model, ids, self.sampling, tok.stop_token_ids, tok.pad_token_id, num_samples=G,
-                         seed=self.seed + 1_000_003, tokenizer=tok, mixture_model=self.ref, mixture_coef=self.coef)
+                         seed=seed + 1_000_003, tokenizer=tok, mixture_model=self.ref, mixture_coef=self.coef)
         r_pol, metrics = self._score(rows, y.texts(tok), "mean")
         r_mix, mix_metrics = self._score(rows, y_mix.texts(tok), "mixture")
         metrics.update(mix_metrics)

@@ -88,3 +88,17 @@ def test_needs_a_reference_and_a_valid_coefficient(tiny, rows):
         NashMDSource(rows, tok, method(), seed=0, ref=None)
     with pytest.raises(ValueError, match="mixture_coef"):
         NashMDSource(rows, tok, method(mixture_coef=1.5), seed=0, ref=ref)
+
+
+def test_ranks_split_the_step_prompts_and_sample_with_their_own_seeds(tiny, rows):
+    """Under torchrun each rank takes its share of the step's prompts (as GRPO's source does), so N
+    processes do the work of one with N times the prompts, not N copies of the same batch."""
+    model, ref, tok = tiny
+    one = NashMDSource(rows, tok, method(prompts_per_step=4), seed=0, ref=ref)
+    ranks = [NashMDSource(rows, tok, method(prompts_per_step=2), seed=0, ref=ref, rank=r, world=2) for r in (0, 1)]
+    whole = [r["prompt"] for r in one._prompts(4)]
+    shares = [[r["prompt"] for r in src._prompts(2)] for src in ranks]
+    assert sorted(shares[0] + shares[1]) == sorted(whole) and not set(shares[0]) & set(shares[1])
+    a, b = (src.collect(model)["rows"] for src in ranks)
+    assert len(a) == len(b) == 2 * 2  # 2 prompts x 2 samples on each rank
+    assert [r["seq"][:r["prompt_len"]] for r in a[::2]] != [r["seq"][:r["prompt_len"]] for r in b[::2]]
