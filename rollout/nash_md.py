@@ -55,15 +55,9 @@ class NashMDSource(RolloutSource):
         self.mode = mode
 
     def _score(self, rows: list[dict], texts: list[str], tag: str) -> tuple[torch.Tensor, dict]:
-        G = self.m.num_generations
-        prompts = [r["prompt"] for r in rows for _ in range(G)]
-        fields = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
-        total, metrics = torch.zeros(len(texts)), {}
-        for fn, w in zip(self.reward_fns, self.weights):
-            r = torch.tensor(fn(prompts, texts, **fields), dtype=torch.float32)
-            metrics[f"rewards/{fn.reward_name}/{tag}"] = r.mean().item()
-            total += w * r
-        return total, metrics
+        """RolloutSource's weighted total reward, with each function's mean as rewards/NAME/`tag`."""
+        total, parts = self._rewards(rows, texts)
+        return total, {f"rewards/{name}/{tag}": r.mean().item() for name, r in parts.items()}
 
     @torch.no_grad()
     def collect(self, model) -> dict:
