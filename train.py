@@ -302,18 +302,18 @@ def train_loop(model, ref, tok, examples, cfg, run_dir, device, resume: str | No
     ckpt_root = os.path.join(run_dir, "checkpoints")
     start, skipped = 0, 0
     if resume is not None:
-        ckpt = resume
-        state = checkpoint.load(ckpt, model, opt)
+        state = checkpoint.load(resume, model, opt)
         if state["total"] != total:
-            raise ValueError(f"{ckpt}: the checkpoint's run has {state['total']} steps, this config {total}; "
+            raise ValueError(f"{resume}: the checkpoint's run has {state['total']} steps, this config {total}; "
                              "resume with the same method settings")
         source.load_state_dict(state["source"])
         checkpoint.set_rng_state(state["rng"])
         start, skipped = state["step"], state["skipped"]
-        print(f"[posttrain] resumed from {ckpt} at step {start} of {total}")
+        print(f"[posttrain] resumed from {resume} at step {start} of {total}")
     log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), keep_below=start) if distributed.is_main() else None
     # FSDP's mixed precision already computes in bf16 on CUDA; one process uses autocast instead
-    bf16 = device.type == "cuda" and distributed.world_size() == 1
+    world = distributed.world_size()
+    bf16 = device.type == "cuda" and world == 1
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     model.train()
     bar = tqdm(range(start, total), desc=m.name, disable=not (cfg.progress and distributed.is_main()),
@@ -325,7 +325,6 @@ def train_loop(model, ref, tok, examples, cfg, run_dir, device, resume: str | No
         t0, ntok, loss_sum, bad_micro = time.perf_counter(), 0, 0.0, None
         # token-sum losses (dapo) are already normalised by the whole batch's token count, over all
         # ranks; FSDP averages gradients over ranks, so they are scaled back up by the world size
-        world = distributed.world_size()
         if loss_args.get("loss_type") == "dapo":
             scales = [world] * len(micro_batches)
         elif kind in ("rollouts", "nash_md"):  # micro-batches may differ in size: each counts by its share
