@@ -7,7 +7,8 @@
 the tests run two CPU processes). `shard()` applies `torch.distributed.fsdp.fully_shard` to each
 transformer block (one FSDP unit per block: its parameters are gathered just before it runs and
 freed after) and then to the root, which holds the embeddings, the final norm and the head. On CUDA
-the blocks compute in bf16 and gradients are reduced in fp32 (`MixedPrecisionPolicy`).
+the blocks compute in bf16 and gradients are reduced in fp32 (`MixedPrecisionPolicy`). The frozen
+reference copy of full fine-tuning is sharded the same way (train.py).
 
 How the work splits: each rank runs `batch_size` examples per micro-batch, so the global batch is
 batch_size × grad_accum × world_size. Every rank draws the same global step from the same seed and
@@ -68,6 +69,11 @@ def shard(model, mixed_precision: bool) -> None:
     fully_shard(model, mp_policy=mp, reshard_after_forward=False)
 
 
+def _collective_device() -> torch.device:
+    """Where a collective's tensor must live: NCCL reduces CUDA tensors only, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def mean(x: float) -> float:
     """The average of a Python number over ranks (itself on one process)."""
     return total(x) / world_size()
@@ -77,7 +83,7 @@ def total(x: float) -> float:
     """The sum of a Python number over ranks (itself on one process)."""
     if world_size() == 1:
         return x
-    t = torch.tensor([float(x)], dtype=torch.float64)
+    t = torch.tensor([float(x)], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return t.item()
 
@@ -87,7 +93,7 @@ def all_true(flag: bool) -> bool:
     or one rank waits forever in a collective the others never join."""
     if world_size() == 1:
         return flag
-    t = torch.tensor([0 if flag else 1], dtype=torch.int32)
+    t = torch.tensor([0 if flag else 1], dtype=torch.int32, device=_collective_device())
     dist.all_reduce(t)
     return t.item() == 0
 
