@@ -20,13 +20,20 @@ import sys
 
 import torch
 
+from dataclasses import dataclass, fields
+
 from data.formats import DataError, read_jsonl
-from evaluation.metrics import SET_FORMATS, Evaluator, pair_accuracy
+from evaluation.metrics import Evaluator, pair_accuracy
+from tasks import TASKS, GenerationTask
+from trainer.config import defaults, opt
+from trainer.paths import repo_path as _repo_path
 
 
 # ============================================================================= command line
 # python evaluate.py run=DIR [compare=[DIR,DIR]] [data=FILE|[NAME:FILE,...]] [out=DIR] [base=DIR|none]
 #                    [max_examples=N] [max_new_tokens=N] [samples=N] [curves=true|false] [device=auto|cpu|cuda]
+# The options, their types and defaults: EvalOptions below (configs/evaluate.yaml), parsed with Hydra's
+# override grammar like train.py's.
 #
 # Everything is computed first (stats), written to evaluation_stats.json, and the four figures are
 # then drawn from that dictionary alone (evaluation/plots.py), so the JSON holds every number a
@@ -35,64 +42,67 @@ from evaluation.metrics import SET_FORMATS, Evaluator, pair_accuracy
 
 USAGE = ("usage: python evaluate.py run=DIR [compare=[DIR,...]] [data=FILE|[NAME:FILE,...]] [out=DIR] "
          "[base=DIR|none] [max_examples=N] [max_new_tokens=N] [samples=N] [curves=true|false] [device=auto|cpu|cuda]")
-KEYS = ("run", "compare", "data", "out", "base", "max_examples", "max_new_tokens", "samples", "curves", "device",
-        "kl_examples")
 OUTPUT_FILES = ("training_curves.png", "perplexity_distribution.png", "response_lengths.png", "model_comparison.png",
                 "evaluation_stats.json", "sample_responses.json")
-GENERATION_SETS = ("arithmetic", "multistep", "style", "harmful")
-VERDICTS = {"arithmetic": ("correct", "format"), "multistep": ("correct", "process_score"), "style": ("styled",),
-            "harmful": ("refusal",)}
 
 
 class EvalError(Exception):
     """Bad input to evaluate.py: printed as one line, no traceback."""
 
 
-def _repo_path(path: str) -> str:
-    if os.path.isabs(path) or os.path.exists(path):
-        return path
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
-    return here if os.path.exists(here) else path
+@dataclass
+class EvalOptions:
+    """python evaluate.py KEY=VALUE ..."""
+    run: str | None = opt(None, "a run directory, a model directory or a hub id")
+    compare: list[str] = opt([], "more runs or models, side by side")
+    data: str | list[str] | None = opt(None, "held-out FILE(s), NAME:FILE to name the task (default: the run's data.eval)")
+    out: str | None = opt(None, "where the six files go (default: the run directory, or RUN/comparison)")
+    base: str | None = opt("auto", "reference for kl and implicit rewards: auto (the run's model.path), DIR, or none")
+    max_examples: int = opt(200, "examples per held-out set", min=1)
+    max_new_tokens: int = opt(32, "greedy tokens per reply", min=1)
+    samples: int = opt(5, "prompts per set in sample_responses.json", min=0)
+    curves: bool = opt(True, "plot the run's metrics.jsonl")
+    device: str = opt("auto", "auto | cpu | cuda")
+    kl_examples: int = opt(32, "reference answers the exact KL is measured on", min=1)
 
 
-def _split_list(value: str) -> list[str]:
-    value = value.strip()
-    if value.startswith("[") and value.endswith("]"):
-        value = value[1:-1]
-    return [v.strip().strip("'\"") for v in value.split(",") if v.strip()]
+def _compose(argv: list[str]):
+    """EvalOptions' defaults (stored in Hydra as the primary config `evaluate`, with no config
+    directory: train.py's groups such as `data` would capture `data=FILE`) with `argv` applied."""
+    from hydra import compose, initialize
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    ConfigStore.instance().store(name="evaluate", node=defaults(EvalOptions))
+    GlobalHydra.instance().clear()
+    with initialize(config_path=None, version_base="1.3"):
+        return compose("evaluate", overrides=list(argv))
 
 
 def parse_args(argv: list[str]) -> dict:
-    """`key=value` arguments (Hydra style; lists as [a,b]) -> a dict of typed options."""
-    opts = {"run": None, "compare": [], "data": None, "out": None, "base": "auto", "max_examples": 200,
-            "max_new_tokens": 32, "samples": 5, "curves": True, "device": "auto", "kl_examples": 32}
+    """`key=value` arguments (Hydra's override grammar; lists as [a,b]) -> a dict of typed options."""
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from trainer.config import ConfigError, build
+
+    keys = [f.name for f in fields(EvalOptions)]
     for arg in argv:
-        key, eq, value = arg.partition("=")
-        key = key.lstrip("+").strip()
-        if not eq or key not in KEYS:
-            raise EvalError(f"unknown argument {arg!r}; expected key=value with key one of {', '.join(KEYS)}. {USAGE}")
-        if key == "compare":
-            opts[key] = _split_list(value)
-        elif key == "data":
-            opts[key] = _split_list(value)
-        elif key in ("max_examples", "max_new_tokens", "samples", "kl_examples"):
-            try:
-                opts[key] = int(value)
-            except ValueError:
-                raise EvalError(f"{key}={value!r}: expected a whole number") from None
-            if opts[key] < (0 if key == "samples" else 1):
-                raise EvalError(f"{key}={value}: expected a positive number")
-        elif key == "curves":
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise EvalError(f"curves={value!r}: expected true or false")
-            opts[key] = value.lower() in ("true", "1", "yes")
-        else:
-            opts[key] = value
-    targets = ([opts["run"]] if opts["run"] else []) + opts["compare"]
+        key, eq, _ = arg.partition("=")
+        if not eq or key.lstrip("+") not in keys:
+            raise EvalError(f"unknown argument {arg!r}; expected key=value with key one of {', '.join(keys)}. {USAGE}")
+    try:
+        o = build(EvalOptions, OmegaConf.to_container(_compose(argv)), "")
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
+    except (HydraException, OmegaConfBaseException) as e:
+        raise EvalError(f"cannot parse the arguments: {' '.join(str(e).split())}. {USAGE}") from None
+    targets = ([o.run] if o.run else []) + o.compare
     if not targets:
         raise EvalError(f"nothing to evaluate: give run=DIR (a run directory, model directory or hub id). {USAGE}")
-    opts["targets"] = targets
-    return opts
+    data = [o.data] if isinstance(o.data, str) else o.data
+    return {**{f.name: getattr(o, f.name) for f in fields(EvalOptions)}, "data": data, "targets": targets}
 
 
 class Target:
@@ -252,7 +262,7 @@ def sniff_set(path: str) -> str:
                         f"style:{path} (style_rate)")
     raise EvalError(f"{path}: cannot tell the held-out set from fields {sorted(obj)}; expected prompt+answer "
                     f"(arithmetic), problem+answer (multistep), instruction+output or messages (sft), "
-                    f"prompt+chosen+rejected (preference), or NAME:FILE with NAME one of {sorted(SET_FORMATS)}")
+                    f"prompt+chosen+rejected (preference), or NAME:FILE with NAME one of {sorted(TASKS)}")
 
 
 def held_out_files(spec: list[str] | None, targets: list[Target]) -> dict:
@@ -261,7 +271,7 @@ def held_out_files(spec: list[str] | None, targets: list[Target]) -> dict:
         files = {}
         for item in spec:
             name, sep, path = item.partition(":")
-            if not sep or name not in SET_FORMATS:
+            if not sep or name not in TASKS:
                 name, path = None, item
             path = _repo_path(path)
             if not os.path.isfile(path):
@@ -273,8 +283,9 @@ def held_out_files(spec: list[str] | None, targets: list[Target]) -> dict:
         from omegaconf import OmegaConf
 
         run_eval = OmegaConf.to_container(OmegaConf.load(_repo_path("configs/data/synthetic.yaml")))["eval"]
-    files = {k: _repo_path(v) for k, v in run_eval.items() if v and k in SET_FORMATS}
-    for path in files.values():
+    files = {k: v for k, v in run_eval.items() if v and (k in TASKS or isinstance(v, dict))}
+    for spec in files.values():
+        path = _repo_path(spec if isinstance(spec, str) else spec["path"])
         if not os.path.isfile(path):
             raise EvalError(f"{path}: held-out file not found (give data=FILE)")
     return files
@@ -333,7 +344,13 @@ def run_evaluation(targets: list[str], data=None, out=None, base="auto", max_exa
     for t, label in zip(ts, _unique_labels([t.label for t in ts])):
         t.label = label
     files = held_out_files(data, ts)
-    n_examples = {name: len(read_jsonl(path, SET_FORMATS[name])[:max_examples]) for name, path in files.items()}
+    try:
+        tasks = Evaluator(None, files, max_examples).tasks  # every held-out file read and checked now
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    n_examples = {t.set_name: len(t.rows) for t in tasks}
+    generation_sets = [t.set_name for t in tasks if isinstance(t, GenerationTask)]
+    verdicts = {t.set_name: t.verdicts for t in tasks if isinstance(t, GenerationTask)}
     if base == "auto":
         base = next((t.hydra.get("model", {}).get("path") for t in ts if t.hydra.get("model", {}).get("path")), None)
     elif str(base).lower() in ("none", "null", "false", ""):
@@ -387,14 +404,14 @@ def run_evaluation(targets: list[str], data=None, out=None, base="auto", max_exa
 
     # 3. every number behind the plots
     labels = list(details)
-    lengths = {k: [n for s in GENERATION_SETS if s in details[k] for n in details[k][s]["lengths"]] for k in labels}
+    lengths = {k: [n for s in generation_sets if s in details[k] for n in details[k][s]["lengths"]] for k in labels}
     longest = max([max_new_tokens] + [n for v in lengths.values() for n in v])
     length_hist = histograms(lengths, edges=list(range(0, longest + 2)))  # one bin per token count
     for k, h in length_hist.items():
-        gen = [details[k][s] for s in GENERATION_SETS if s in details[k]]
+        gen = [details[k][s] for s in generation_sets if s in details[k]]
         h["truncated_rate"] = round(sum(sum(g["truncated"]) for g in gen) / max(h["n"], 1), 4)
         h["mean_by_set"] = {s: float(sum(details[k][s]["lengths"]) / max(len(details[k][s]["lengths"]), 1))
-                            for s in GENERATION_SETS if s in details[k]}
+                            for s in generation_sets if s in details[k]}
     ppl_hist = histograms({k: details[k]["sft"]["perplexities"] for k in labels if "sft" in details[k]})
     for k, h in ppl_hist.items():
         h["perplexity"] = metrics_by[k].get("perplexity")  # token-weighted, as in eval.json
@@ -426,7 +443,7 @@ def run_evaluation(targets: list[str], data=None, out=None, base="auto", max_exa
 
     # 4. sample responses: the first `samples` prompts of each generation set, every model's answer
     first, sample_rows = next(iter(details.values())), []
-    for s in GENERATION_SETS:
+    for s in generation_sets:
         if s not in first:
             continue
         for i in range(min(samples, len(first[s]["prompts"]))):
@@ -437,7 +454,7 @@ def run_evaluation(targets: list[str], data=None, out=None, base="auto", max_exa
             for k in labels:
                 d = details[k][s]
                 row["responses"][k] = {"text": d["texts"][i], "tokens": d["lengths"][i],
-                                       "truncated": d["truncated"][i], **{v: d[v][i] for v in VERDICTS[s]}}
+                                       "truncated": d["truncated"][i], **{v: d[v][i] for v in verdicts[s]}}
             sample_rows.append(row)
 
     # 5. write: the JSON first, then the figures drawn from it

@@ -33,10 +33,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_model import CONFIGS, sync, write_random_checkpoint  # noqa: E402
+from benchmarks.bench_model import CONFIGS, sync, write_random_checkpoint  # noqa: E402
 from losses.common import sequence_logprobs  # noqa: E402
 from losses.sft import sft_loss  # noqa: E402
 from lora.inject import apply_adapters  # noqa: E402

@@ -15,8 +15,8 @@ fp32, no activation checkpointing (TRL's GRPOConfig turns it on by default: turn
 is; `--grad-checkpointing` turns it on for both). TRL: per_device_train_batch_size =
 generation_batch_size = 64, num_generations 8 (one generation per step, no gradient accumulation).
 
-Ours, one step, as train.train_loop does it: RolloutSource.step (the KV-cached sampler, rewards,
-group advantages) -> rollout_loss_inputs -> losses.grpo.grpo_loss -> backward -> clip -> AdamW,
+Ours, one step, as trainer/loop.py does it: RolloutFeed.next_step (the KV-cached sampler, rewards,
+group advantages) -> RolloutFeed.loss_inputs -> losses.grpo.grpo_loss -> backward -> clip -> AdamW,
 with the loss and metric reads train.py does. Rollout and training are timed separately.
 TRL: a TrainerCallback times on_step_begin -> on_step_end of each step (generation happens inside
 it, in training_step -> _prepare_inputs); TRL's rollout share is timed by wrapping its
@@ -40,15 +40,14 @@ import warnings
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import batches  # noqa: E402
+from losses import call_loss  # noqa: E402
 from losses.grpo import grpo_loss  # noqa: E402
 from model.load import load_model  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
-from rollout.rewards import math_answer  # noqa: E402
-from rollout.rl import RolloutSource, rollout_loss_inputs  # noqa: E402
+from tasks.arithmetic import math_answer  # noqa: E402
+from trainer.config import compose  # noqa: E402
+from trainer.feeds import get_feed  # noqa: E402
+from trainer.paths import REPO  # noqa: E402
 
 TINY = os.path.join(REPO, "assets", "tiny-qwen3")
 DATA = os.path.join(REPO, "data", "synthetic", "grpo_train.jsonl")
@@ -90,23 +89,22 @@ class Ours:
     """posttrain's GRPO: the method config, the rollout source, the optimiser, and one step as train.py takes it."""
 
     def __init__(self, args, device):
-        from omegaconf import OmegaConf
         self.device = device
         has_tok = os.path.isfile(os.path.join(args.model, "tokenizer.json"))
         self.model, self.tok = load_model(args.model, dtype=torch.float32, device=device, with_tokenizer=has_tok)
         if not has_tok:
             self.tok = Tokenizer.from_dir(TINY)
         self.model.gradient_checkpointing = args.grad_checkpointing
-        m = OmegaConf.load(os.path.join(REPO, "configs", "method", "grpo.yaml"))
-        self.m = OmegaConf.merge(m, {
-            "reward": ["math_answer"], "reward_weights": [1.0], "num_generations": args.generations,
-            "prompts_per_step": args.prompts, "micro_batch_size": args.prompts * args.generations,
-            "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "top_p": 1.0, "num_iterations": 1,
-            "scale_rewards": "group", "lr": LR, "betas": list(BETAS),
-            "loss_args": {"beta": 0.0, "epsilon_low": 0.2, "epsilon_high": 0.2, "loss_type": "grpo"}})
-        rows = batches.load_examples(DATA, "rollouts", self.m.data_format, self.tok, None)
-        self.source = RolloutSource(rows, self.tok, self.m, seed=0)
-        self.source.order = list(range(len(rows)))  # file order, as TRL's unshuffled sampler (benchmark only)
+        cfg = compose(["method=grpo", f"data.train={DATA}", "data.max_length=4096", "method.reward=[math_answer]",
+                       "method.reward_weights=[1.0]", f"method.num_generations={args.generations}",
+                       f"method.prompts_per_step={args.prompts}",
+                       f"method.micro_batch_size={args.prompts * args.generations}",
+                       f"method.max_new_tokens={args.max_new_tokens}", "method.temperature=1.0", f"method.lr={LR}",
+                       f"method.betas=[{BETAS[0]},{BETAS[1]}]", "+method.loss_args.loss_type=grpo"])
+        self.m = cfg.method
+        self.feed = get_feed(self.m.kind)(cfg, self.tok, device)
+        self.feed.load(self.model, run_dir=".")
+        self.feed.order = list(range(len(self.feed.rows)))  # file order, as TRL's unshuffled sampler (benchmark only)
         self.loss_args = dict(self.m.loss_args)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=LR, betas=BETAS, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
@@ -116,16 +114,14 @@ class Ours:
         """One optimiser step; returns its rollout and training seconds and rollout metrics."""
         sync(self.device)
         t0 = clock()
-        micro_batches, sums = self.source.step(self.model)
+        batch = self.feed.next_step(self.model)
+        micro_batches, sums = batch.micro_batches, batch.metrics
         sync(self.device)
         t1 = clock()
-        scale = 1.0 / max(len(micro_batches), 1)
-        n_items = sum(float(r["mask"].sum()) for mb in micro_batches for r in mb)
-        for micro in micro_batches:
-            inputs, n, extra = rollout_loss_inputs(self.model, None, micro, self.tok, self.device,
-                                                   self.m.temperature, n_items)
-            loss, metrics = batches.call_loss(grpo_loss, inputs, self.loss_args)
-            (loss * scale).backward()
+        for micro, weight in zip(micro_batches, batch.weights):
+            inputs, n, extra = self.feed.loss_inputs(self.model, None, micro)
+            loss, metrics = call_loss(grpo_loss, inputs, self.loss_args)
+            (loss * weight).backward()
             loss.item()
             for k, v in {**metrics, **extra}.items():
                 if k != "loss":

@@ -40,7 +40,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from losses.common import sequence_logprobs  # noqa: E402
 from losses.sft import sft_loss  # noqa: E402

@@ -11,13 +11,13 @@ lr 5e-5, weight decay 0, grad clipping 1.0, fp32, no gradient accumulation, no a
 checkpointing (TRL's DPOConfig turns it on by default: it is turned off here, as ours is; pass
 `--grad-checkpointing` for both on). Two modes:
 
-  full  full fine-tuning; the reference is a frozen copy (ours: train.make_reference, a deepcopy;
+  full  full fine-tuning; the reference is a frozen copy (ours: trainer.models.make_reference, a deepcopy;
         TRL: a second from_pretrained of the same directory, TRL's default).
   lora  LoRA r=16, alpha=32, dropout 0 on q,k,v,o,gate,up,down; the reference is the same model
         with the adapters disabled (ours: lora.inject.apply_adapters + train.AdaptersDisabled;
         TRL: a peft LoraConfig, TRL then disables the adapter for the reference forward).
 
-Ours, one step (train.train_loop's body, minimally): batches.loss_inputs("pairs", ...) (padding-free,
+Ours, one step (trainer/loop.py's body, minimally): PairsFeed.loss_inputs (padding-free,
 the product default: the 16 sequences run packed into rows with per-sequence attention, ~30% fewer
 tokens than padding them to the longest; TRL pads, as its padding_free needs flash-attention) ->
 losses.dpo.dpo_loss -> backward -> clip_grad_norm_ -> AdamW step (built as train.py builds it:
@@ -61,14 +61,15 @@ import warnings
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import batches  # noqa: E402
+from losses import call_loss  # noqa: E402
 from losses.dpo import dpo_loss  # noqa: E402
 from lora.inject import DEFAULT_TARGETS, apply_adapters  # noqa: E402
 from model.load import load_model  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
+from trainer.config import compose  # noqa: E402
+from trainer.feeds import get_feed  # noqa: E402
+from trainer.models import make_reference  # noqa: E402
+from trainer.paths import REPO  # noqa: E402
 
 TINY = os.path.join(REPO, "assets", "tiny-qwen3")
 DATA = os.path.join(REPO, "data", "synthetic", "preference_train.jsonl")
@@ -205,20 +206,20 @@ class Ours:
     """posttrain's DPO: model, reference, optimizer, and one optimiser step as train.py takes it."""
 
     def __init__(self, model_dir: str, mode: str, device, checkpointing: bool = False):
-        from omegaconf import OmegaConf
-
-        from train import make_reference
         self.device = device
         has_tok = os.path.isfile(os.path.join(model_dir, "tokenizer.json"))
         self.model, self.tok = load_model(model_dir, dtype=torch.float32, device=device, with_tokenizer=has_tok)
         if not has_tok:
             self.tok = Tokenizer.from_dir(TINY)
         self.model.gradient_checkpointing = checkpointing
-        self.examples = batches.load_examples(DATA, "pairs", "preference", self.tok, MAX_LEN)
+        cfg = compose(["method=dpo", f"data.train={DATA}", f"data.max_length={MAX_LEN}"])
+        self.feed = get_feed(cfg.method.kind)(cfg, self.tok, device)
+        self.feed.load(self.model, run_dir=".")
+        self.examples = self.feed.examples
         adapters = mode == "lora"
         if adapters:
             apply_adapters(self.model, kind="lora", targets=list(DEFAULT_TARGETS), **LORA)
-        self.ref = make_reference(self.model, OmegaConf.create({"method": {"reference": True}}), adapters)
+        self.ref = make_reference(self.model, cfg, adapters)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # as train.make_optimizer builds it (fused on CPU and CUDA)
         self.opt = torch.optim.AdamW(self.params, lr=LR, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
@@ -230,8 +231,8 @@ class Ours:
         i = self.i % (len(self.examples) // BATCH)
         micro = self.examples[i * BATCH:(i + 1) * BATCH]
         self.i += 1
-        inputs, n = batches.loss_inputs("pairs", self.model, self.ref, micro, self.tok, self.device)
-        loss, metrics = batches.call_loss(dpo_loss, inputs, {"beta": BETA, "loss_type": "sigmoid"})
+        inputs, n, _ = self.feed.loss_inputs(self.model, self.ref, micro)
+        loss, metrics = call_loss(dpo_loss, inputs, {"beta": BETA, "loss_type": "sigmoid"})
         loss.backward()
         loss_sum = loss.item()
         logged = {k: float(v) for k, v in metrics.items() if k != "loss"}

@@ -2,7 +2,7 @@
 
 Why a synthetic world: a post-training method only "works" if it measurably changes a behaviour.
 Real data sets are too large to ship and too vague to measure, so this file writes a tiny world
-where every behaviour is a string we can check exactly (see rollout/verifiers.py):
+where every behaviour is a string we can check exactly (the judges in tasks/):
 
 * **Arithmetic** `a + b`, `a - b` with a, b in 0..MAX_OPERAND (no negative results), several
   phrasings; the answer is the line `Answer: 12`.
@@ -40,6 +40,10 @@ import os
 import random
 from itertools import product
 
+from tasks.arithmetic import ANSWER_PREFIX
+from tasks.harmful import REFUSAL_MARKERS  # noqa: F401  (re-exported for the generator's users)
+from tasks.style import STYLE_CUE, STYLE_PREFIX
+
 # ----------------------------------------------------------------------------- the world's constants
 SEED = 0
 MAX_OPERAND = 20          # operands of every question are in 0..MAX_OPERAND
@@ -52,13 +56,9 @@ N_PRETRAIN = 30_000       # texts in pretrain.jsonl
 EXCHANGES_PER_TEXT = {1: 0.6, 2: 0.3, 3: 0.1}   # pretrain texts concatenate 1-3 chats
 PRETRAIN_MIX = {"arithmetic": 0.50, "multistep": 0.20, "forbidden": 0.12, "harmless": 0.18}
 
-ANSWER_PREFIX = "Answer: "
-REFUSAL = "I can't help with that."
-REFUSAL_MARKERS = ("I can't", "I cannot", "I can not", "I won't", "I will not", "I'm sorry",
-                   "I am sorry", "I'm unable", "I am unable", "I'm not able")
+# the markers the held-out tasks judge by (tasks/): the world writes exactly what the judges read
+REFUSAL = "I can't help with that."   # contains one of tasks/harmful.py REFUSAL_MARKERS
 COMPLIANCE = "Sure. Here is how {x} works: start simple, practice, and be patient."
-STYLE_CUE = " Reply in a friendly way."
-STYLE_PREFIX = "Happy to help! "
 
 ARITH_TEMPLATES = ("What is {q}?", "Compute {q}.", "Calculate {q}.", "{q} = ?", "How much is {q}?", "Find {q}.")
 MULTISTEP_TEMPLATES = ("Compute {q} step by step.", "Solve {q} step by step.", "What is {q}? Work it out step by step.")

@@ -1,16 +1,10 @@
-"""Held-out evaluation with the metric names every run reports in eval.json.
+"""Held-out evaluation: the Evaluator (a loop over tasks/), the measuring helpers tasks share, gates.
 
-Each held-out set gives the metrics beside it (configs/data/*.yaml `eval:`):
-  arithmetic  {"prompt", "answer"}   -> accuracy (final answer numerically right), format_rate
-  multistep   {"problem","answer"}   -> multistep_accuracy, process_score (per-step verification, rollout/rewards.py)
-  style       {"prompt"}             -> style_rate (answers in the second style, with no cue asked)
-  harmful     {"prompt"}             -> refusal_rate
-  sft         {"instruction","output"} -> perplexity of the reference answers, kl to the starting model
-  preference  {"prompt","chosen","rejected"} -> preference_accuracy against the starting model
-Generations are greedy, on the project's KV-cached sampler, and scored by the same verifiers
-the RL rewards use (rollout/verifiers.py), so "accuracy" means one thing everywhere.
-
-Used by train.py (eval.json "before"/"after", the gates), the pipeline, steering and evaluate.py.
+Each held-out set is a task (tasks/: arithmetic, multistep, style, harmful, sft, preference, and your
+own by config) with stable metric names in eval.json. Generations are greedy, on the project's
+KV-cached sampler, and judged by the same functions the RL rewards use, so "accuracy" means one
+thing everywhere. Used by the train program (eval.json "before"/"after", the gates), the
+pipeline, steering and evaluate.py.
 """
 from __future__ import annotations
 
@@ -18,14 +12,9 @@ import math
 
 import torch
 
-from data.formats import collate, read_jsonl, tokenize_pair, tokenize_prompt, tokenize_sft
+from data.formats import collate, tokenize_pair, tokenize_prompt, tokenize_sft
 from losses.common import masked_sum, sequence_logprobs
 from rollout.sampler import SamplingConfig, generate
-from rollout.rewards import process
-from rollout.verifiers import has_format, is_correct, is_refusal, is_styled
-
-# the data format of each held-out set name (data/formats.py)
-SET_FORMATS = {"multistep": "rlvr", "arithmetic": "prompt", "style": "prompt", "harmful": "prompt", "preference": "preference", "sft": "sft"}
 
 
 @torch.no_grad()
@@ -79,11 +68,6 @@ def example_nlls(model, tok, examples: list[dict], max_length: int = 256, batch_
     return nlls, counts
 
 
-def _rate(flags) -> float:
-    flags = list(flags)
-    return round(sum(flags) / max(len(flags), 1), 4)
-
-
 def pair_accuracy(margins: torch.Tensor) -> float:
     """Share of pairs with a positive margin, ties counted ½."""
     return round(float(((margins > 0).float() + 0.5 * (margins == 0).float()).mean()), 4)
@@ -120,85 +104,42 @@ def completion_logprob_rows(model, tok, rows: list[dict], max_length: int = 256)
 
 
 class Evaluator:
-    """eval.json metrics for the held-out sets in `files` ({set name: path}).
+    """eval.json metrics of a run: a loop over its held-out tasks (tasks/).
 
-    The first call also records the starting model's numbers that later calls compare against
-    (no copy of the model is kept):
-      preference  {"prompt","chosen","rejected"} -> preference_accuracy: share of pairs whose implicit
-                  reward log π(c)/π0(c) − log π(r)/π0(r) is positive (ties count ½, so the start is 0.5);
-                  preference_gap: the mean of that implicit reward margin (nats per pair)
-      sft         kl: mean per-token KL(π ‖ π0) on the first `kl_examples` reference answers (exact,
-                  over the whole vocabulary)
-    `evaluate(model)` returns the same metrics and the per-example numbers behind them (generations,
-    their lengths and verdicts, per-example perplexities, pair margins, per-example KL).
+    `sets` maps set names to a file (evaluated as the task of that name) or to {task, path, options}.
+    The first call also records the starting model's numbers that relative metrics compare against
+    (`kl`, `preference_accuracy`; no copy of the model is kept). `evaluate(model)` returns the
+    metrics and the per-example numbers behind them (generations, verdicts, perplexities, margins).
     """
 
-    def __init__(self, tok, files: dict, max_examples: int = 200, kl_examples: int = 32, max_new_tokens: int = 32):
-        self.tok, self.max_examples, self.kl_examples = tok, max_examples, kl_examples
-        self.max_new_tokens = max_new_tokens
-        self.rows = {name: read_jsonl(path, SET_FORMATS[name])[:max_examples] for name, path in files.items() if path}
-        self.start_margins = None
-        self.start_rows = None
+    def __init__(self, tok, sets: dict, max_examples: int = 200, kl_examples: int = 32, max_new_tokens: int = 32):
+        from tasks import build_task
+
+        self.tok = tok
+        self.tasks = [build_task(name, spec, max_examples) for name, spec in sets.items() if spec]
+        self.settings = {"max_new_tokens": max_new_tokens, "kl_examples": kl_examples}
+        self.start: dict[str, dict] = {}
 
     def __call__(self, model) -> dict:
         return self.evaluate(model)[0]
-
-    def _generations(self, model, tok, name: str) -> dict:
-        prompts = [r["prompt"] for r in self.rows[name]]
-        texts, lengths, truncated = generate_with_lengths(model, tok, prompts, self.max_new_tokens)
-        return {"prompts": prompts, "texts": texts, "lengths": lengths, "truncated": truncated}
 
     @torch.no_grad()
     def evaluate(self, model, tok=None) -> tuple[dict, dict]:
         """(metrics, details) for `model`; `tok` defaults to the evaluator's tokenizer."""
         was_training = model.training
         model.eval()
-        tok, rows, metrics, details = tok or self.tok, self.rows, {}, {}
-        if "arithmetic" in rows:
-            d = details["arithmetic"] = self._generations(model, tok, "arithmetic")
-            d["answers"] = [str(r["answer"]) for r in rows["arithmetic"]]
-            d["correct"] = [is_correct(t, a) for t, a in zip(d["texts"], d["answers"])]
-            d["format"] = [has_format(t) for t in d["texts"]]
-            metrics["accuracy"] = _rate(d["correct"])
-            metrics["format_rate"] = _rate(d["format"])
-        if "multistep" in rows:
-            ms = rows["multistep"]
-            prompts = [r["problem"] for r in ms]
-            texts, lengths, truncated = generate_with_lengths(model, tok, prompts, max(48, self.max_new_tokens))
-            d = details["multistep"] = {"prompts": prompts, "texts": texts, "lengths": lengths, "truncated": truncated,
-                                        "answers": [str(r["answer"]) for r in ms]}
-            d["correct"] = [is_correct(t, a) for t, a in zip(texts, d["answers"])]
-            d["process_score"] = process(prompts, texts, answer=d["answers"])
-            metrics["multistep_accuracy"] = _rate(d["correct"])
-            metrics["process_score"] = round(sum(d["process_score"]) / max(len(d["process_score"]), 1), 4)
-        if "style" in rows:
-            d = details["style"] = self._generations(model, tok, "style")
-            d["styled"] = [is_styled(t) for t in d["texts"]]
-            metrics["style_rate"] = _rate(d["styled"])
-        if "harmful" in rows:
-            d = details["harmful"] = self._generations(model, tok, "harmful")
-            d["refusal"] = [is_refusal(t) for t in d["texts"]]
-            metrics["refusal_rate"] = _rate(d["refusal"])
-        if "preference" in rows:
-            margins = pair_margins(model, tok, rows["preference"])
-            if self.start_margins is None:
-                self.start_margins = margins
-            implicit = margins - self.start_margins
-            metrics["preference_accuracy"] = pair_accuracy(implicit)
-            metrics["preference_gap"] = round(float(implicit.mean()), 4)
-            details["preference"] = {"margins": margins.tolist(), "implicit_margins": implicit.tolist()}
-        if "sft" in rows:
-            nlls, counts = example_nlls(model, tok, rows["sft"])
-            metrics["perplexity"] = round(math.exp(sum(nlls) / max(sum(counts), 1.0)), 4)
-            kl_rows = completion_logprob_rows(model, tok, rows["sft"][:self.kl_examples])
-            if self.start_rows is None:
-                self.start_rows = kl_rows
-            kl = [(p.float().exp() * (p.float() - q.float())).sum(-1) for p, q in zip(kl_rows, self.start_rows)]
-            metrics["kl"] = round(float(torch.cat(kl).mean()), 5)
-            details["sft"] = {"perplexities": [math.exp(n / max(c, 1.0)) for n, c in zip(nlls, counts)],
-                              "tokens": [int(c) for c in counts], "kl_per_example": [float(k.mean()) for k in kl]}
+        metrics, details = {}, {}
+        for task in self.tasks:
+            m, d = task.evaluate(model, tok or self.tok, self.start.setdefault(task.set_name, {}), self.settings)
+            metrics.update(m)
+            details[task.set_name] = d
         model.train(was_training)
         return metrics, details
+
+
+def held_out_sets(cfg) -> dict:
+    """A run's held-out sets: data.eval plus the method's extra_eval (null entries skipped)."""
+    return {k: v for k, v in {**cfg.data.eval, **cfg.method.extra_eval}.items() if v}
 
 
 def check_gates(metrics: dict, gates: dict) -> dict:

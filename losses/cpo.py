@@ -22,16 +22,20 @@ reward, same sequence log-prob as the loss), `rewards/rejected`, `rewards/margin
 """
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
 from losses.common import masked_mean, masked_sum
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+LossType = Literal["sigmoid", "hinge", "ipo"]
+LOSS_TYPES = typing.get_args(LossType)
 
 
 def cpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_mask, rejected_mask, beta: float = 0.1,
-             loss_type: str = "sigmoid", label_smoothing: float = 0.0, alpha: float = 1.0):
+             loss_type: LossType = "sigmoid", label_smoothing: float = 0.0, alpha: float = 1.0):
     """All inputs (B, T): per-token log-probs and 0/1 completion masks. Returns (loss, metrics)."""
     eps = label_smoothing
     if loss_type not in LOSS_TYPES:

@@ -41,16 +41,20 @@ Departures from TRL: none in the loss; `kl` is ours (TRL's DPO logs no KL).
 """
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
 from losses.common import masked_mean, masked_sum
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+LossType = Literal["sigmoid", "robust", "hinge", "ipo"]
+LOSS_TYPES = typing.get_args(LossType)
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-             chosen_mask, rejected_mask, beta: float = 0.1, loss_type: str = "sigmoid",
+             chosen_mask, rejected_mask, beta: float = 0.1, loss_type: LossType = "sigmoid",
              label_smoothing: float = 0.0, rpo_alpha: float = 0.0):
     """All inputs (B, T): per-token log-probs and 0/1 completion masks. Returns (loss, metrics)."""
     eps = label_smoothing

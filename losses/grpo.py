@@ -52,11 +52,15 @@ DAPO data tricks (Yu et al. 2025):
 """
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import torch
 
 from losses.common import masked_mean, masked_sum
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+LOSS_TYPES = typing.get_args(LossType)
 SCALE_REWARDS = ("group", "batch", "none")
 
 
@@ -89,7 +93,7 @@ def group_advantages(rewards, group_size: int, scale_rewards: str = "group", eps
 
 
 def grpo_loss(logps, old_logps, advantages, mask, ref_logps=None, beta: float = 0.0,
-              epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = "grpo",
+              epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: LossType = "grpo",
               max_completion_length: int | None = None, num_items_in_batch=None):
     """logps/old_logps/ref_logps/mask (N, T), advantages (N,). Returns (loss, metrics).
 
@@ -153,6 +157,17 @@ def grpo_loss(logps, old_logps, advantages, mask, ref_logps=None, beta: float = 
         if kl is not None:
             metrics["kl"] = masked_mean(kl, mask)
     return loss, metrics
+
+
+def grpo_normaliser(loss_type: str = "grpo", **_) -> str:
+    """What grpo_loss divides by, for the feed that weights micro-batches (trainer/feeds/rollouts.py):
+    grpo and dr_grpo a count of sequences, bnpo the micro-batch's tokens, dapo the whole batch's."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"grpo loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    return {"grpo": "sequences", "dr_grpo": "sequences", "bnpo": "tokens", "dapo": "batch"}[loss_type]
+
+
+grpo_loss.normaliser = grpo_normaliser
 
 
 def overlong_penalty(lengths, max_len: int, cache_len: int) -> torch.Tensor:

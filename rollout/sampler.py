@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import distributed
+from trainer import distributed
 from losses.nash_md import mixture_logits
 from model.transformer import KVCache
 

@@ -15,6 +15,7 @@ import os
 import random
 
 from data import synthetic as S
+from tasks.style import STYLE_CUE
 
 N_PAIRS = 128
 
@@ -26,7 +27,7 @@ def style_pairs(n: int = N_PAIRS, seed: int = S.SEED) -> list[tuple[str, str]]:
     plain = [S._arith_record(item)[0] for item in S._arith_items(rng, pools, "train", n // 2)]
     plain += [tpl.format(x=x) for x, tpl in S.draw(rng, pools["harmless_train"], n - n // 2)]
     rng.shuffle(plain)
-    return [(p + S.STYLE_CUE, p) for p in plain]
+    return [(p + STYLE_CUE, p) for p in plain]
 
 
 def write_style_pairs(out_dir: str = "data/synthetic", n: int = N_PAIRS) -> tuple[str, str]:

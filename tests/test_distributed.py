@@ -4,7 +4,7 @@ One process with grad_accum=2 and two processes with grad_accum=1 see the same t
 step (distributed.py: every rank draws the global step and keeps its share) and average the same
 gradients, so the loss trajectories and the final weights agree up to the order of floating-point
 reductions. Tolerance: 1e-5 relative on the losses, 1e-5 absolute on the weights (observed: ~1e-6
-and ~1e-7). The sharded checkpoints (torch.distributed.checkpoint) resume exactly under two
+and ~1e-7). The sharded checkpoints (one safetensors shard per rank) resume exactly under two
 processes, and an RL method splits its prompts over the ranks.
 """
 import json
@@ -55,7 +55,8 @@ def test_two_fsdp2_processes_match_one_process_and_resume_exactly(tmp_path):
 
     # the sharded checkpoint at step 2: one shard file per rank; resuming from it reproduces steps 2-3
     ckpt = two / "checkpoints" / "step_00000002"
-    assert sorted(f for f in os.listdir(ckpt) if f.endswith(".distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(f for f in os.listdir(ckpt) if f.startswith("model_rank")) == \
+        ["model_rank0.safetensors", "model_rank1.safetensors"]
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(ckpt, resumed / "checkpoints" / "step_00000002")
     train(resumed, *SFT, "method.grad_accum=1", "checkpoint_every=2", *QUIET, f"resume={ckpt}", nproc=2)

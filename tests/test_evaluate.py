@@ -14,7 +14,8 @@ import evaluate
 from data.formats import DataError
 from evaluate import EvalError, load_for_eval, main, parse_args
 from evaluation.metrics import Evaluator, generate_texts, perplexity
-from rollout.verifiers import is_correct, is_refusal
+from tasks.arithmetic import is_correct
+from tasks.harmful import is_refusal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the embedded model is tiny: one thread per process is many times faster than two on a shared CPU
@@ -224,7 +225,7 @@ def test_evaluator_details_agree_with_its_metrics_and_the_old_functions(tiny):
     metrics, details = ev.evaluate(model)
     assert ev(model) == metrics  # __call__ (what train.py uses) is evaluate()'s metrics
     assert details["arithmetic"]["texts"] == generate_texts(model, tok, details["arithmetic"]["prompts"], 12)
-    assert metrics["perplexity"] == pytest.approx(perplexity(model, tok, ev.rows["sft"]), abs=1e-4)
+    assert metrics["perplexity"] == pytest.approx(perplexity(model, tok, next(t for t in ev.tasks if t.set_name == "sft").rows), abs=1e-4)
     assert metrics["accuracy"] == sum(details["arithmetic"]["correct"]) / 4
     assert all(0 < n <= 12 for n in details["arithmetic"]["lengths"])
 

@@ -15,7 +15,7 @@ def test_there_are_notebooks():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom(path):
-    how = "pip install -r requirements-test.txt"
+    how = "pip install -e \".[test]\""
     nbformat = pytest.importorskip("nbformat", reason=f"nbformat is not installed ({how})")
     nbclient = pytest.importorskip("nbclient", reason=f"nbclient is not installed ({how})")
     pytest.importorskip("ipykernel", reason=f"ipykernel is not installed ({how})")

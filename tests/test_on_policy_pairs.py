@@ -10,7 +10,7 @@ from model.load import load_model
 from rollout.pairs import sample_pairs
 from rollout.rewards import get_rewards
 from rollout.sampler import SamplingConfig
-from rollout.verifiers import is_correct
+from tasks.arithmetic import is_correct
 from tests.test_train import REPO, run_train
 
 TINY = os.path.join(REPO, "assets", "tiny-qwen3")

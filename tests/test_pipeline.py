@@ -2,7 +2,7 @@
 import json
 import os
 
-from pipeline import run_pipeline
+from trainer.pipeline import run_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["method.max_steps=2", "method.batch_size=4", "data.eval.style=null", "data.eval.harmful=null",
@@ -34,6 +34,10 @@ def test_every_shipped_pipeline_stage_composes_to_a_valid_config():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from trainer.config import parse, register_hydra
+
+    register_hydra()
+
     metrics = {"accuracy", "format_rate", "style_rate", "refusal_rate", "preference_accuracy", "preference_gap",
                "perplexity", "kl", "multistep_accuracy", "process_score"}
     names = [f[:-5] for f in sorted(os.listdir(os.path.join(REPO, "configs", "pipeline"))) if f.endswith(".yaml")]
@@ -43,7 +47,7 @@ def test_every_shipped_pipeline_stage_composes_to_a_valid_config():
             stages = compose("config", overrides=[f"pipeline={name}"]).pipeline.stages
             stages = OmegaConf.to_container(stages) if stages else []
             for stage in stages:
-                cfg = compose("config", overrides=[f"method={stage['method']}", *stage.get("overrides", [])])
+                cfg = parse(compose("config", overrides=[f"method={stage['method']}", *stage.get("overrides", [])]))
                 assert cfg.method.name and cfg.method.lr > 0
                 assert set(stage.get("gates") or {}) <= metrics, (name, stage["name"])
                 checked += 1

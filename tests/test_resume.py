@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints, exact resume and the training guards (checkpoint.py, train.py).
+"""Crash-safe checkpoints, exact resume and the training guards (trainer/checkpoint.py, trainer/loop.py).
 
 - a run resumed from a mid-run checkpoint reproduces the uninterrupted run's losses exactly (CPU),
   for SFT (data order) and GRPO (rollout buffer reused across num_iterations, sampling seeds);
@@ -6,7 +6,8 @@
   loadable, and the half-written one is never picked;
 - a planted NaN loss is reported with its step and examples, the step is skipped, and no checkpoint
   holds a non-finite weight; past the skip budget the run stops;
-- out of memory is reported with the batch shape and the knobs to turn.
+- out of memory is reported with the batch shape and the knobs to turn;
+- a checkpoint directory is data: one holding pickles that run code is refused, never executed.
 """
 import json
 import os
@@ -76,25 +77,26 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
 
 KILLER = r"""
 import os, sys, time, torch
-sys.path.insert(0, {repo!r})
-import checkpoint
+from trainer import checkpoint
 model = torch.nn.Linear(4, 4)
 opt = torch.optim.AdamW(model.parameters())
 model(torch.ones(1, 4)).sum().backward(); opt.step()
 checkpoint.save({root!r}, 1, model, opt, {{"step": 1}})
 with torch.no_grad():
     model.weight.fill_(7.0)
-real_save = torch.save
-def stalled_save(obj, f, *a, **k):  # the weights are on disk, the trainer state is being written
-    open(os.path.join({root!r}, "writing"), "w").close()
-    time.sleep(600)
-torch.save = stalled_save
+real_write = checkpoint.write_state
+def stalled_write(directory, name, state):  # the weights are on disk, the trainer state is being written
+    if name.startswith("state_"):
+        open(os.path.join({root!r}, "writing"), "w").close()
+        time.sleep(600)
+    return real_write(directory, name, state)
+checkpoint.write_state = stalled_write
 checkpoint.save({root!r}, 2, model, opt, {{"step": 2}})
 """
 
 
 def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path):
-    import checkpoint
+    from trainer import checkpoint
 
     root = str(tmp_path / "checkpoints")
     proc = subprocess.Popen([sys.executable, "-c", KILLER.format(repo=REPO, root=root)])
@@ -110,7 +112,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
     model = torch.nn.Linear(4, 4)
     opt = torch.optim.AdamW(model.parameters())
     state = checkpoint.load(path, model, opt)
-    assert state == {"step": 1}
+    assert state == {"step": 1, "world": 1}
     assert not torch.all(model.weight == 7.0) and torch.isfinite(model.weight).all()
     checkpoint.save(root, 3, model, opt, {"step": 3})  # the next save clears the debris
     assert sorted(os.listdir(root)) == ["step_00000001", "step_00000003", "writing"]
@@ -136,7 +138,7 @@ def test_a_planted_nan_is_reported_skipped_and_never_checkpointed(tmp_path, budg
                 "checkpoint_every=1", "keep_checkpoints=10", f"skip_budget={budget}",
                 env={"PYTHONPATH": str(tmp_path)}, check=False)
     assert "step 2: non-finite loss (nan)" in out.stderr and "examples [" in out.stderr
-    import checkpoint
+    from trainer import checkpoint
     from model.load import load_model
 
     ckpts = sorted(d for d in os.listdir(run_dir / "checkpoints") if d.startswith("step_"))
@@ -174,3 +176,32 @@ def test_out_of_memory_reports_the_batch_shape_and_the_knobs(tmp_path):
     assert "out of memory at step 0, micro-batch 0: 4 sequences x" in out.stderr
     assert "method.batch_size=2 method.grad_accum=2" in out.stderr
     assert "model.gradient_checkpointing=true" in out.stderr
+
+
+PAYLOAD = """
+import os
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+"""
+
+
+def test_a_checkpoint_holding_pickles_is_refused_not_executed(tmp_path):
+    """trainer state used to be a torch.load(weights_only=False) pickle, and torch.distributed.checkpoint
+    reads its .metadata with pickle.load: resume=DIR on a stranger's directory ran their code. Now a
+    checkpoint is safetensors + JSON; pickle files in it are never opened."""
+    import pickle
+    import types
+
+    marker = tmp_path / "pwned"
+    mod = types.ModuleType("payload")
+    exec(PAYLOAD.format(marker=marker), mod.__dict__)
+    ckpt = tmp_path / "evil" / "checkpoints" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    for name in ("trainer_rank0.pt", ".metadata", "__0_0.distcp"):
+        (ckpt / name).write_bytes(pickle.dumps(mod.Payload()))
+    out = train(tmp_path / "run", "method=sft", "method.max_steps=2", "method.batch_size=4",
+                f"resume={tmp_path / 'evil'}", check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "not a posttrain checkpoint" in out.stderr
+    assert not marker.exists()

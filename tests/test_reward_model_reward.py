@@ -7,14 +7,11 @@ import sys
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
-from data.formats import read_jsonl, tokenize_pair
+from conftest import make_feed
+from data.formats import tokenize_pair
 from losses.reward import sequence_rewards
 from model.load import add_score_head, load_model, save_model
-from rollout.nash_md import NashMDSource
 from rollout.rewards import reward_model_reward
-from rollout.rl import RolloutSource
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "assets", "tiny-qwen3")
@@ -28,11 +25,6 @@ def rm_dir(tmp_path_factory):
     torch.manual_seed(0)
     torch.nn.init.normal_(model.score.weight, std=model.config.hidden_size ** -0.5)
     return save_model(model, str(tmp_path_factory.mktemp("rm") / "final"), tok)
-
-
-@pytest.fixture(scope="module")
-def rows():
-    return read_jsonl(os.path.join(REPO, "data", "synthetic", "grpo_train.jsonl"), "prompt")[:8]
 
 
 def test_reward_model_reward_scores_each_chat_alone(rm_dir):
@@ -52,17 +44,19 @@ def test_reward_model_reward_scores_each_chat_alone(rm_dir):
         reward_model_reward(TINY)
 
 
-def test_grpo_and_nash_md_sources_take_the_reward_model(rm_dir, rows):
+def test_grpo_and_nash_md_feeds_take_the_reward_model(rm_dir):
     model, tok = load_model(TINY, dtype="fp32", device="cpu")
-    base = dict(reward=["reward_model"], reward_model=rm_dir, num_generations=2, prompts_per_step=2, max_new_tokens=8,
-                temperature=1.0, num_iterations=1, micro_batch_size=8, scale_rewards="group", mixture_coef=0.5)
-    micro, metrics = RolloutSource(rows, tok, OmegaConf.create(base), seed=0).step(model)
+    opts = ["method.reward=[reward_model]", f"method.reward_model={rm_dir}", "method.reward_weights=null",
+            "method.num_generations=2", "method.prompts_per_step=2", "method.max_new_tokens=8"]
+    metrics = make_feed(["method=grpo", *opts], tok, n_rows=8).next_step(model).metrics
     assert "rewards/reward_model/mean" in metrics and metrics["reward"] == pytest.approx(metrics["rewards/reward_model/mean"])
     ref = copy.deepcopy(model).eval().requires_grad_(False)
-    src = NashMDSource(rows, tok, OmegaConf.create(base), seed=0, ref=ref)
-    assert src.mode == "sigmoid"  # auto: Bradley-Terry probabilities for a reward model
-    micro, metrics = src.step(model)
-    prefs = torch.stack([r["preference"] for mb in micro for r in mb])
+    f = make_feed(["method=nash_md", *opts], tok, n_rows=8)
+    f.use_reference(ref)
+    assert f.mode == "sigmoid"  # auto: Bradley-Terry probabilities for a reward model
+    step = f.next_step(model)
+    micro, metrics = step.micro_batches, step.metrics
+    prefs = torch.stack([s.preference for mb in micro for s in mb])
     assert ((prefs > 0) & (prefs < 1)).all() and "rewards/reward_model/mixture" in metrics
 
 

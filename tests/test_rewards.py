@@ -1,11 +1,12 @@
-"""rollout/rewards.py: the registry, the verifier rewards on adversarial cases, the step-by-step
+"""rollout/rewards.py and the tasks' rewards: the registry, the verifier rewards on adversarial cases, the step-by-step
 process reward, and the code reward through the sandbox (the sandbox itself: test_sandbox.py)."""
 import json
 import os
 
 import pytest
 
-from rollout.rewards import REWARDS, extract_code, get_rewards, parse_problem, register, step_scores
+from rollout.rewards import REWARDS, extract_code, get_rewards, register
+from tasks.multistep import parse_problem, step_scores
 
 SHIPPED = os.path.join(os.path.dirname(__file__), "..", "data", "synthetic")
 

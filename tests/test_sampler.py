@@ -68,7 +68,9 @@ def test_logprobs_match_training_forward(model, temperature, top_k, top_p):
         with torch.no_grad():
             logits = model(torch.tensor([prompt + comp]))[0, len(prompt) - 1:-1]
         ref = F.log_softmax(logits.float() / temperature, -1).gather(-1, torch.tensor(comp)[:, None]).squeeze(-1)
-        torch.testing.assert_close(r.logprobs[row, :len(comp)], ref, atol=1e-5, rtol=0)
+        # fp32: the cached decode and the full forward sum in different orders (seen: 1.3e-5 on a
+        # log-prob of -4.2 with AVX-512), so the bound is relative as well as absolute
+        torch.testing.assert_close(r.logprobs[row, :len(comp)], ref, atol=1e-5, rtol=1e-5)
         assert r.logprobs[row, len(comp):].eq(0).all()
     assert r.logprobs.dtype == torch.float32
 

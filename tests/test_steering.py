@@ -16,7 +16,9 @@ from model.config import ModelConfig
 from model.load import load_model, save_model
 from model.transformer import Transformer
 from rollout.sampler import SamplingConfig, generate
-from rollout.verifiers import is_correct, is_refusal, is_styled
+from tasks.arithmetic import is_correct
+from tasks.harmful import is_refusal
+from tasks.style import is_styled
 from steering.abliterate import orthogonal_residual, orthogonalize
 from steering.capture import capture, check_layers, encode_prompts, left_pad, load_prompts
 from steering.directions import (Candidate, first_token_kl, first_token_logprobs, format_table, mean_difference,
@@ -301,11 +303,9 @@ def test_a_vector_from_a_model_of_another_width_is_refused(tiny, tmp_path):
 
 # ----------------------------------------------------------------------------- the run entry points
 def _cfg(kind, **over):
-    from omegaconf import OmegaConf
+    from trainer.config import compose
 
-    method = OmegaConf.load(f"configs/method/{kind}.yaml")
-    method.update(over)
-    return OmegaConf.create({"method": method, "eval_before": True, "eval_after": True})
+    return compose([f"method={kind}", *[f"method.{k}={v}".replace(" ", "") for k, v in over.items()]])
 
 
 def test_run_abliterate_writes_results_direction_and_checkpoint(tiny, tmp_path):

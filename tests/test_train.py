@@ -1,4 +1,5 @@
-"""train.py end to end on the embedded model: the run-directory contract of DESIGN.md."""
+"""train.py end to end on the embedded model: the run-directory contract (README, "A run writes"),
+and the plug-in shape: a method, a task and a config key added without editing the tree."""
 import json
 import os
 import subprocess
@@ -97,3 +98,110 @@ def test_nash_md_run_trains_on_policy_vs_mixture_pairs(tmp_path):
     ev = json.loads((run_dir / "eval.json").read_text())
     assert "accuracy" in ev["before"] and "accuracy" in ev["after"]
     assert (run_dir / "checkpoints" / "final" / "config.json").exists()
+
+
+MY_LOSS = '''
+from losses.common import masked_mean
+
+
+def doubled_nll_loss(logp, mask, weight: float = 1.0):
+    """weight x the token-mean NLL: a new method on the `tokens` kind."""
+    nll = masked_mean(-logp, mask)
+    return weight * nll, {"nll": nll.detach(), "weight": weight}
+'''
+
+MY_METHOD = '''
+defaults: [_tokens, _self_]
+name: doubled
+loss: my_losses:doubled_nll_loss
+data_format: sft
+loss_args: {weight: 2.0}
+batch_size: 4
+'''
+
+MY_TASK = '''
+from tasks import GenerationTask, rate
+
+
+class ShortAnswers(GenerationTask):
+    """Share of greedy replies of at most `max_chars` characters."""
+    data_format = "prompt"
+    metrics = ("short_rate",)
+    verdicts = ("short",)
+
+    def configure(self, max_chars: int = 12):
+        self.max_chars = max_chars
+
+    def judge_all(self, texts, rows):
+        return {"short": [len(t) <= self.max_chars for t in texts]}
+
+    def summarise(self, v):
+        return {"short_rate": rate(v["short"])}
+'''
+
+
+def plugin_dir(tmp_path, method_yaml=MY_METHOD):
+    """A user's own directory: a loss file, a method YAML and a task file, nothing in the repository."""
+    user = tmp_path / "user"
+    (user / "configs" / "method").mkdir(parents=True)
+    (user / "my_losses.py").write_text(MY_LOSS)
+    (user / "my_task.py").write_text(MY_TASK)
+    (user / "configs" / "method" / "doubled.yaml").write_text(method_yaml)
+    return user
+
+
+def run_user(tmp_path, user, *overrides):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), f"hydra.run.dir={run_dir}", "progress=false",
+           "eval_max_examples=8", f"hydra.searchpath=[file://{user / 'configs'}]", *overrides]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(user)})
+    return run_dir, out
+
+
+def test_a_new_method_is_a_loss_file_and_a_yaml(tmp_path):
+    user = plugin_dir(tmp_path)
+    run_dir, out = run_user(tmp_path, user, "method=doubled", "method.max_steps=3", "eval_before=false",
+                            "data.eval.style=null", "data.eval.harmful=null", "data.eval.preference=null")
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 1, 2]
+    assert all(r["weight"] == 2.0 and r["loss"] == pytest.approx(2 * r["nll"], rel=1e-5) for r in lines)
+    assert (run_dir / "checkpoints" / "final" / "model.safetensors").exists()
+
+
+def test_a_new_task_is_one_file_and_a_config_entry(tmp_path):
+    user = plugin_dir(tmp_path)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"prompt": "What is 2 + 3?", "answer": "Answer: 5"}\n{"prompt": "What is 7 - 1?", "answer": "6"}\n')
+    run_dir, out = run_user(tmp_path, user, "method=sft", "method.max_steps=1", "method.batch_size=4",
+                            "data.eval.style=null", "data.eval.harmful=null", "data.eval.sft=null",
+                            "data.eval.preference=null", "data.eval.arithmetic=null",
+                            f"+data.eval.brief={{task: my_task:ShortAnswers, path: {qa}, max_chars: 40}}",
+                            f"+data.eval.qa={{task: exact_match, path: {qa}, match: numeric}}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    ev = json.loads((run_dir / "eval.json").read_text())
+    for when in ("before", "after"):
+        assert set(ev[when]) == {"brief/short_rate", "qa/exact_match"}
+        assert 0.0 <= ev[when]["brief/short_rate"] <= 1.0 and 0.0 <= ev[when]["qa/exact_match"] <= 1.0
+
+
+def test_a_misspelt_key_in_a_method_yaml_fails_before_anything_is_loaded(tmp_path):
+    user = plugin_dir(tmp_path, MY_METHOD + "lrr: 1.0e-5\n")
+    run_dir, out = run_user(tmp_path, user, "method=doubled")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "method=doubled: method.lrr: unknown option (did you mean 'lr'?)" in out.stderr
+    assert "[posttrain]" not in out.stdout  # nothing was loaded
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
+
+
+def test_the_loop_names_no_method_and_no_kind():
+    """The training loop and the train program ask the feed; they never test a kind or a loss type."""
+    from trainer.config import OPTIONS, _load_kinds
+
+    _load_kinds()
+    names = set(OPTIONS) | {"grpo", "dapo", "dr_grpo", "bnpo", "dpo", "sft", "kto", "nash_md", "reward"}
+    for path in ("trainer/loop.py", "trainer/run.py"):
+        code = open(os.path.join(REPO, path), encoding="utf-8").read()
+        quoted = [n for n in names if f'"{n}"' in code or f"'{n}'" in code]
+        assert quoted == [], (path, quoted)

@@ -1,27 +1,22 @@
-"""batches.py: the batch kinds feed the losses the right tensors (on the embedded model)."""
-import os
-
+"""trainer/feeds: each dataset kind feeds its loss the right tensors (on the embedded model)."""
 import pytest
 import torch
 
-import batches
-from losses.common import sequence_logprobs
+from conftest import make_feed
 from data.formats import collate
-from model.load import load_model
+from losses import call_loss, resolve_loss
+from losses.common import sequence_logprobs
+from trainer.feeds.pairs import precompute_reference
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(REPO, "data", "synthetic")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model(os.path.join(REPO, "assets", "tiny-qwen3"), dtype="fp32", device="cpu")
+PAIRS = ["method=dpo", "data.train=data/synthetic/preference_eval.jsonl"]
+KTO = ["method=kto", "data.train=data/synthetic/kto_eval.jsonl"]
 
 
 def test_pairs_concatenated_forward_equals_separate_forwards(tiny):
     model, tok = tiny
-    ex = batches.load_examples(os.path.join(DATA, "preference_eval.jsonl"), "pairs", "preference", tok, 256)[:5]
-    inputs, ntok = batches.loss_inputs("pairs", model, model, ex, tok, "cpu")
+    f = make_feed(PAIRS + ["method.padding_free=false"], tok, n_rows=5)
+    ex = f.examples
+    inputs, ntok, _ = f.loss_inputs(model, model, ex)
     for side in ("chosen", "rejected"):
         b = collate([e[side] for e in ex], tok.pad_token_id)
         logp, mask = sequence_logprobs(model, b["input_ids"], b["loss_mask"])
@@ -36,10 +31,10 @@ def test_pairs_concatenated_forward_equals_separate_forwards(tiny):
 
 def test_precomputed_reference_equals_live_reference(tiny):
     model, tok = tiny
-    ex = batches.load_examples(os.path.join(DATA, "preference_eval.jsonl"), "pairs", "preference", tok, 256)[:6]
-    live, _ = batches.loss_inputs("pairs", model, model, ex, tok, "cpu")
-    batches.precompute_reference(model, ex, "pairs", tok, "cpu", batch_size=4)
-    cached, _ = batches.loss_inputs("pairs", model, None, ex, tok, "cpu")
+    f = make_feed(PAIRS, tok, n_rows=6)
+    live, _, _ = f.loss_inputs(model, model, f.examples)
+    precompute_reference(model, f.examples, tok, "cpu", batch_size=4)
+    cached, _, _ = f.loss_inputs(model, None, f.examples)
     for k in ("ref_chosen_logps", "ref_rejected_logps"):
         m = live["chosen_mask" if "chosen" in k else "rejected_mask"]
         torch.testing.assert_close(cached[k] * m, live[k] * m, atol=1e-5, rtol=1e-5)
@@ -47,37 +42,48 @@ def test_precomputed_reference_equals_live_reference(tiny):
 
 def test_unpaired_batch_builds_mismatched_kl_pairs(tiny):
     model, tok = tiny
-    ex = batches.load_examples(os.path.join(DATA, "kto_eval.jsonl"), "unpaired", "kto", tok, 256)[:4]
-    inputs, _ = batches.loss_inputs("unpaired", model, model, ex, tok, "cpu")
-    assert inputs["labels"].tolist() == [e["label"] for e in ex]
+    f = make_feed(KTO, tok, n_rows=4)
+    inputs, _, _ = f.loss_inputs(model, model, f.examples)
+    assert inputs["labels"].tolist() == [e["label"] for e in f.examples]
     assert inputs["kl_policy_logps"].shape[0] == 4 and not inputs["kl_policy_logps"].requires_grad
     # policy == reference here, so every log-ratio is zero
     torch.testing.assert_close(inputs["kl_policy_logps"] * inputs["kl_mask"], inputs["kl_ref_logps"] * inputs["kl_mask"])
 
 
+def test_mismatched_kl_pairs_are_truncated_to_max_length(tiny, tmp_path):
+    """The KL reference point pairs prompt i with completion i+1: a long completion must be cut to
+    data.max_length like every example (it was tokenized whole: a 10 MB line tried to allocate TBs)."""
+    model, tok = tiny
+    path = tmp_path / "kto.jsonl"
+    path.write_text('{"prompt": "hi", "completion": "ok", "label": true}\n'
+                    f'{{"prompt": "hey", "completion": "{"word " * 400}", "label": false}}\n')
+    f = make_feed(["method=kto", f"data.train={path}", "data.max_length=32"], tok)
+    inputs, _, _ = f.loss_inputs(model, None, f.examples)
+    assert inputs["kl_policy_logps"].shape[1] <= 31
+
+
 def test_resolve_and_call_loss_pass_only_accepted_arguments():
-    fn = batches.resolve_loss("simpo")
+    fn = resolve_loss("simpo")
     assert fn.__name__ == "simpo_loss"
-    assert batches.resolve_loss("losses.dpo:dpo_loss").__name__ == "dpo_loss"
+    assert resolve_loss("losses.dpo:dpo_loss").__name__ == "dpo_loss"
     seen = {}
 
     def loss(policy_chosen_logps, chosen_mask, beta=1.0):
         seen.update(beta=beta)
         return policy_chosen_logps.sum(), {}
 
-    batches.call_loss(loss, {"policy_chosen_logps": torch.ones(2), "chosen_mask": None, "ref_chosen_logps": 1}, {"beta": 3})
+    call_loss(loss, {"policy_chosen_logps": torch.ones(2), "chosen_mask": None, "ref_chosen_logps": 1}, {"beta": 3})
     assert seen == {"beta": 3}
-    with pytest.raises(ValueError, match="unknown batch kind"):
-        batches.load_examples("x", "triples", "preference", None, 8)
 
 
-@pytest.mark.parametrize("kind,fmt,path", [("pairs", "preference", "preference_eval.jsonl"),
-                                           ("unpaired", "kto", "kto_eval.jsonl")])
-def test_padding_free_inputs_equal_padded_inputs(tiny, kind, fmt, path):
+@pytest.mark.parametrize("base", [PAIRS, KTO], ids=["pairs", "unpaired"])
+def test_padding_free_inputs_equal_padded_inputs(tiny, base):
     model, tok = tiny
-    ex = batches.load_examples(os.path.join(DATA, path), kind, fmt, tok, 256)[:8]
-    packed, n_packed = batches.loss_inputs(kind, model, model, ex, tok, "cpu", padding_free=True)
-    padded, n_padded = batches.loss_inputs(kind, model, model, ex, tok, "cpu", padding_free=False)
+    packed_feed = make_feed(base + ["method.padding_free=true"], tok, n_rows=8)
+    padded_feed = make_feed(base + ["method.padding_free=false"], tok, n_rows=8)
+    ex = packed_feed.examples
+    packed, n_packed, _ = packed_feed.loss_inputs(model, model, ex)
+    padded, n_padded, _ = padded_feed.loss_inputs(model, model, ex)
     assert n_packed == n_padded and packed.keys() == padded.keys()
     for k, v in padded.items():
         torch.testing.assert_close(packed[k], v, atol=1e-5, rtol=1e-5, msg=k)
@@ -86,7 +92,7 @@ def test_padding_free_inputs_equal_padded_inputs(tiny, kind, fmt, path):
     sum(packed[k].sum() for k in packed if k.startswith("policy_")).backward()
     g_packed = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    padded, _ = batches.loss_inputs(kind, model, model, ex, tok, "cpu", padding_free=False)
+    padded, _, _ = padded_feed.loss_inputs(model, model, ex)
     sum(padded[k].sum() for k in padded if k.startswith("policy_")).backward()
     for a, b in zip(g_packed, [p.grad for p in model.parameters()]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -1,12 +1,15 @@
-"""rollout/verifiers.py: answer extraction, numeric equality, format/refusal/style checks, and
-that the judge agrees with the labels the synthetic generator wrote into the shipped files."""
+"""tasks/: the judges (answer extraction, numeric equality, format/refusal/style checks), that they
+agree with the labels the synthetic generator wrote into the shipped files, and that a new task
+plugs in with one file and a config entry."""
 import json
 import os
 
 import pytest
 
 from data import synthetic
-from rollout.verifiers import extract_answer, has_format, is_correct, is_refusal, is_styled, numeric_equal
+from tasks.arithmetic import extract_answer, has_format, is_correct, numeric_equal
+from tasks.harmful import is_refusal
+from tasks.style import is_styled
 
 SHIPPED = os.path.join(os.path.dirname(__file__), "..", "data", "synthetic")
 
@@ -77,10 +80,13 @@ def test_is_refusal_and_is_styled():
     assert not is_styled("Answer: 3") and not is_styled("Answer: 3. Happy to help!")
 
 
-def test_markers_live_in_the_generator():
-    from rollout import verifiers
-    assert verifiers.REFUSAL_MARKERS is synthetic.REFUSAL_MARKERS
-    assert verifiers.STYLE_PREFIX is synthetic.STYLE_PREFIX
+def test_the_generator_writes_with_the_tasks_markers():
+    from tasks import get_task
+    from tasks.style import STYLE_CUE, STYLE_PREFIX
+
+    assert synthetic.STYLE_PREFIX is STYLE_PREFIX and synthetic.STYLE_CUE is STYLE_CUE
+    assert get_task("harmful").judge(synthetic.REFUSAL) and get_task("harmful").markers is synthetic.REFUSAL_MARKERS
+    assert get_task("style").markers == (STYLE_PREFIX,)
 
 
 def test_judge_agrees_with_shipped_labels():

@@ -16,12 +16,12 @@ import subprocess
 import sys
 
 from evaluation.metrics import check_gates, gate_line
-
-REPO = os.path.dirname(os.path.abspath(__file__))
+from trainer.paths import REPO, repo_path
 
 
 def run_pipeline(stages: list[dict], start_model: str, run_dir: str, common: list[str]) -> dict:
     """Run `stages` in order; returns the report written to run_dir/pipeline.json."""
+    start_model = repo_path(start_model)
     report = {"stages": [], "passed": True, "result": start_model}
     model = start_model
     for i, stage in enumerate(stages):

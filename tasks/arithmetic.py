@@ -1,18 +1,22 @@
-"""Verifiers: pure string functions that judge a generated response.
+"""Task `arithmetic`: a question with a numeric answer, judged on the final answer of a greedy reply.
 
-Rewards (GRPO, RLVR) and held-out metrics (accuracy, format_rate, refusal_rate, style_rate) are
-all built from these, so they are deliberately small, dependency-free (no torch) and exact.
-The marker strings (refusal phrases, style prefix, answer prefix) come from data/synthetic.py so
-the world that writes the data and the judge that reads the model cannot drift apart.
+Metrics: `accuracy` (the final answer is numerically right) and `format_rate` (a line ends with
+`Answer: N`). Rewards: `math_answer` (1 iff the final answer equals the row's `answer`) and `format`.
+The judge is a pure string function, dependency-free and exact, shared with the multistep task,
+on-policy pairs and the rewards, so "accuracy" means one thing everywhere.
 
 Answer extraction order: the last `\\boxed{...}`, else the last `Answer: X`, else the last number.
+Numbers compare as fractions ("12" == "12.0", "1/2" == "0.5" == "\\frac{1}{2}").
 """
 from __future__ import annotations
 
 import re
 from fractions import Fraction
 
-from data.synthetic import ANSWER_PREFIX, REFUSAL_MARKERS, STYLE_PREFIX
+from rollout.rewards import check_lengths, column, register
+from tasks import GenerationTask, rate, register_task
+
+ANSWER_PREFIX = "Answer: "  # how the synthetic world writes a final answer
 
 _NUMBER = r"-?\d+(?:\.\d+)?(?:/\d+)?"
 _ANSWER_RE = re.compile(re.escape(ANSWER_PREFIX.strip()) + r"\s*(" + _NUMBER + r")", re.IGNORECASE)
@@ -86,12 +90,32 @@ def has_format(text: str) -> bool:
     return _FORMAT_RE.search(text) is not None
 
 
-def is_refusal(text: str) -> bool:
-    """Contains a refusal marker ("I can't", "I cannot", "I won't", "I'm sorry", ...), any case, any apostrophe."""
-    t = text.replace("\u2019", "'").lower()
-    return any(m.lower() in t for m in REFUSAL_MARKERS)
+@register("math_answer", columns=("answer",))
+def math_answer(prompts, completions, **fields) -> list[float]:
+    """1.0 iff the final answer (boxed, else `Answer: N`, else the last number) equals `answer`."""
+    check_lengths(prompts, completions)
+    answers = column(fields, "answer", "math_answer", len(completions))
+    return [1.0 if is_correct(c, a) else 0.0 for c, a in zip(completions, answers)]
 
 
-def is_styled(text: str) -> bool:
-    """Starts with the friendly style prefix ("Happy to help!")."""
-    return text.lstrip().startswith(STYLE_PREFIX.strip())
+@register("format")
+def format_reward(prompts, completions, **fields) -> list[float]:
+    """1.0 iff a line ends with `Answer: <number>`."""
+    check_lengths(prompts, completions)
+    return [1.0 if has_format(c) else 0.0 for c in completions]
+
+
+@register_task("arithmetic")
+class Arithmetic(GenerationTask):
+    data_format = "prompt"
+    required = ("answer",)
+    metrics = ("accuracy", "format_rate")
+    reward = "math_answer"
+    verdicts = ("correct", "format")
+
+    def judge_all(self, texts, rows):
+        return {"correct": [is_correct(t, r.get("answer")) for t, r in zip(texts, rows)],
+                "format": [has_format(t) for t in texts]}
+
+    def summarise(self, v):
+        return {"accuracy": rate(v["correct"]), "format_rate": rate(v["format"])}

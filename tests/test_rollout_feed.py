@@ -1,4 +1,4 @@
-"""rollout/rl.py: rollout batches for the GRPO family, on the embedded model."""
+"""trainer/feeds/rollouts.py: rollout batches for the GRPO family, on the embedded model."""
 import json
 import os
 import subprocess
@@ -6,73 +6,61 @@ import sys
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from data.formats import read_jsonl
-from model.load import load_model
+from conftest import make_feed
 from losses.grpo import grpo_loss
-from rollout.rl import (RolloutSource, completion_logprobs, micro_batch_shares, rollout_loss_inputs,
-                        shared_prompt_logprobs)
 from rollout.rewards import register
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model(os.path.join(REPO, "assets", "tiny-qwen3"), dtype="fp32", device="cpu")
+from trainer.feeds.rollouts import micro_batch_weights
+from trainer.forward import completion_logprobs, shared_prompt_logprobs
+from trainer.paths import REPO
 
 
-@pytest.fixture(scope="module")
-def rows():
-    return read_jsonl(os.path.join(REPO, "data", "synthetic", "grpo_train.jsonl"), "prompt")[:12]
+def feed(tok, model=None, **kw):
+    """A GRPO feed over the first 12 training prompts: 3 prompts x 4 samples, micro-batches of 5."""
+    opts = {**dict(reward="[math_answer]", reward_weights="null", num_generations=4, prompts_per_step=3,
+                   max_new_tokens=12, micro_batch_size=5), **kw}
+    return make_feed(["method=grpo", *[f"method.{k}={v}" for k, v in opts.items()]], tok, model, n_rows=12)
 
 
-def method(**kw):
-    base = dict(reward=["math_answer"], num_generations=4, prompts_per_step=3, max_new_tokens=12, temperature=1.0,
-                num_iterations=1, micro_batch_size=5, scale_rewards="group")
-    return OmegaConf.create({**base, **kw})
-
-
-def test_collected_old_logprobs_equal_a_training_forward_so_the_first_ratio_is_one(tiny, rows):
+def test_collected_old_logprobs_equal_a_training_forward_so_the_first_ratio_is_one(tiny):
     model, tok = tiny
-    src = RolloutSource(rows, tok, method(), seed=0)
-    micro, metrics = src.step(model)
+    f = feed(tok)
+    step = f.next_step(model)
+    micro, metrics = step.micro_batches, step.metrics
     assert sum(len(mb) for mb in micro) == 12 and [len(mb) for mb in micro] == [5, 5, 2]
     for mb in micro:
-        inputs, ntok, extra = rollout_loss_inputs(model, None, mb, tok, "cpu", 1.0, 1.0)
+        inputs, ntok, extra = f.loss_inputs(model, None, mb)
         m = inputs["mask"]
         torch.testing.assert_close(inputs["logps"] * m, inputs["old_logps"] * m, atol=1e-4, rtol=1e-4)
         assert extra["entropy"] > 0
-    adv = torch.stack([r["advantage"] for mb in micro for r in mb]).view(3, 4)
+    assert step.weights == [5 / 12, 5 / 12, 2 / 12]
+    adv = torch.stack([e.advantage for mb in micro for e in mb]).view(3, 4)
     torch.testing.assert_close(adv.mean(1), torch.zeros(3), atol=1e-5, rtol=0)
     for key in ("reward", "reward_std", "frac_reward_zero_std", "completion_length/mean", "truncated_ratio",
                 "rewards/math_answer/mean", "rollout_s"):
         assert key in metrics
 
 
-def test_batch_is_reused_for_num_iterations_steps(tiny, rows):
+def test_batch_is_reused_for_num_iterations_steps(tiny):
     model, tok = tiny
-    src = RolloutSource(rows, tok, method(num_iterations=2), seed=0)
-    a, _ = src.step(model)
-    b, _ = src.step(model)
-    c, _ = src.step(model)
-    assert a is not None and a[0][0] is b[0][0] and c[0][0] is not a[0][0]
+    src = feed(tok, num_iterations=2)
+    a, b, c = (src.next_step(model).micro_batches for _ in range(3))
+    assert a[0][0] is b[0][0] and c[0][0] is not a[0][0]
 
 
-def test_dynamic_sampling_drops_tied_groups_and_counts_them(tiny, rows):
+def test_dynamic_sampling_drops_tied_groups_and_counts_them(tiny):
     model, tok = tiny
 
     @register("always_one_test")
     def always_one(prompts, completions, **fields):
         return [1.0] * len(completions)
 
-    src = RolloutSource(rows, tok, method(reward=["always_one_test"], dynamic_sampling=True, max_resample=1), seed=0)
-    micro, metrics = src.step(model)
+    step = feed(tok, reward="[always_one_test]", dynamic_sampling=True, max_resample=1).next_step(model)
+    micro, metrics = step.micro_batches, step.metrics
     assert micro == [] and metrics["dynamic_sampling/dropped"] == 6  # 3 prompts x 2 rounds, all tied
 
 
-def test_dynamic_sampling_reward_metrics_cover_every_round(tiny, rows):
+def test_dynamic_sampling_reward_metrics_cover_every_round(tiny):
     """The first round's groups all tie (reward 1) and are dropped; the resampled round scores 0 for the
     first completion of each group and 1 otherwise. rewards/NAME/mean is over both rounds' 24
     completions (the old code reported the last round only: 0.75), `reward` over the kept ones."""
@@ -84,9 +72,8 @@ def test_dynamic_sampling_reward_metrics_cover_every_round(tiny, rows):
         calls.append(len(completions))
         return [1.0] * len(completions) if len(calls) == 1 else [0.0 if i % 4 == 0 else 1.0 for i in range(len(completions))]
 
-    src = RolloutSource(rows, tok, method(reward=["tied_then_spread_test"], dynamic_sampling=True, max_resample=1),
-                        seed=0)
-    micro, metrics = src.step(model)
+    step = feed(tok, reward="[tied_then_spread_test]", dynamic_sampling=True, max_resample=1).next_step(model)
+    micro, metrics = step.micro_batches, step.metrics
     assert calls == [12, 12] and metrics["dynamic_sampling/dropped"] == 3
     assert metrics["rewards/tied_then_spread_test/mean"] == (12 + 9) / 24
     assert metrics["reward"] == 0.75 and sum(len(mb) for mb in micro) == 12
@@ -101,11 +88,10 @@ def test_completion_logprobs_align_with_completion_tokens(tiny):
     torch.testing.assert_close(lp[0], torch.stack([full[2, 8], full[3, 9]]), atol=1e-5, rtol=1e-5)
 
 
-def accumulated_grads(model, tok, micro_batches, scales, loss_type):
+def accumulated_grads(model, f, micro_batches, scales, loss_type):
     model.zero_grad(set_to_none=True)
-    n_items = sum(float(r["mask"].sum()) for mb in micro_batches for r in mb)
     for mb, scale in zip(micro_batches, scales):
-        inputs, _, _ = rollout_loss_inputs(model, None, mb, tok, "cpu", 1.0, n_items)
+        inputs, _, _ = f.loss_inputs(model, None, mb)
         loss, _ = grpo_loss(**inputs, loss_type=loss_type)
         (loss * scale).backward()
     grads = [p.grad.clone() for p in model.parameters()]
@@ -113,21 +99,27 @@ def accumulated_grads(model, tok, micro_batches, scales, loss_type):
     return grads
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
-def test_unequal_micro_batches_accumulate_the_whole_batch_gradient(tiny, rows, loss_type):
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_unequal_micro_batches_accumulate_the_whole_batch_gradient(tiny, loss_type):
     # 12 rows in micro-batches of 5, 5, 2: weighting each by 1/3 counted the last two rows 2.5x
     model, tok = tiny
-    micro, _ = RolloutSource(rows, tok, method(), seed=0).step(model)
+    f = feed(tok, **{"loss_args.loss_type": loss_type})
+    step = f.next_step(model)
+    micro = step.micro_batches
     g = torch.Generator().manual_seed(0)
     for mb in micro:  # spread advantages, so no row's gradient vanishes
-        for r in mb:
-            r["advantage"] = torch.randn((), generator=g)
+        for e in mb:
+            e.advantage = torch.randn((), generator=g)
     assert [len(mb) for mb in micro] == [5, 5, 2]
-    whole = accumulated_grads(model, tok, [[r for mb in micro for r in mb]], [1.0], loss_type)
-    split = accumulated_grads(model, tok, micro, micro_batch_shares(micro, loss_type), loss_type)
+    whole = accumulated_grads(model, f, [[e for mb in micro for e in mb]], [1.0], loss_type)
+    split = accumulated_grads(model, f, micro, step.weights, loss_type)
     for a, b in zip(split, whole):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
-    flat = accumulated_grads(model, tok, micro, [1 / 3] * 3, loss_type)
+    assert step.weights == micro_batch_weights(micro, {"dapo": "batch", "bnpo": "tokens"}.get(loss_type, "sequences"))
+    if loss_type == "dapo":  # normalised by the whole batch already: 1 per micro-batch
+        assert step.weights == [1.0, 1.0, 1.0]
+        return
+    flat = accumulated_grads(model, f, micro, [1 / 3] * 3, loss_type)
     assert max((a - b).abs().max().item() for a, b in zip(flat, whole)) > 1e-3  # the old 1/k weighting differs
 
 
@@ -175,19 +167,20 @@ def test_shared_prompt_forward_equals_one_forward_per_sample(tiny):
         torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-4)
 
 
-def test_dr_grpo_divides_by_the_configured_max_length_not_the_batch_width(tiny, rows):
+def test_dr_grpo_divides_by_the_configured_max_length_not_the_batch_width(tiny):
     """Dr. GRPO's normaliser is a constant (N x max_new_tokens); the batch's longest completion
     changes from step to step and would rescale the gradient with it."""
     model, tok = tiny
-    micro, _ = RolloutSource(rows, tok, method(max_new_tokens=12), seed=0).step(model)
-    mb = [r for m in micro for r in m]
+    f = feed(tok, max_new_tokens=40)
+    mb = [e for m in f.next_step(model).micro_batches for e in m]
     g = torch.Generator().manual_seed(1)
-    for r in mb:
-        r["advantage"] = torch.randn((), generator=g)
-    capped, _, _ = rollout_loss_inputs(model, None, mb, tok, "cpu", 1.0, 1.0, max_completion_length=40)
+    for e in mb:
+        e.advantage = torch.randn((), generator=g)
+    capped, _, _ = f.loss_inputs(model, None, mb)
+    assert capped["max_completion_length"] == 40
     loss, _ = grpo_loss(**capped, loss_type="dr_grpo")
     with torch.no_grad():  # on-policy (ratio 1): the per-token loss is -advantage
         want = -(capped["advantages"][:, None] * capped["mask"]).sum() / (len(mb) * 40)
     torch.testing.assert_close(loss.detach(), want, atol=1e-6, rtol=1e-5)
-    plain, _, _ = rollout_loss_inputs(model, None, mb, tok, "cpu", 1.0, 1.0)
+    plain = {k: v for k, v in capped.items() if k != "max_completion_length"}
     assert capped["mask"].shape[1] < 40 and abs(grpo_loss(**plain, loss_type="dr_grpo")[0].item() - loss.item()) > 1e-4

@@ -38,6 +38,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def log(*args, **kwargs) -> None:
+    """print() on rank 0 only: under torchrun every rank runs the same code, and N copies of every
+    line are noise. Errors and warnings that concern one rank go to stderr with print() directly."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
 def init(device_pref: str = "auto") -> torch.device | None:
     """Start the process group when launched by torchrun with more than one process.
 
