@@ -35,7 +35,9 @@ Metrics (detached, shares of completion tokens):
 Departures: from the paper, none (its optional token mask M_it for a PPO-style trust region is not
 implemented). From TRL (GRPOTrainer._compute_loss, loss_type="cispo", token-level ratios): none in
 loss or gradient, given TRL epsilon_high = 1 + our ε_high and no lower bound (TRL has none); TRL's
-β·k3 term is not offered (β = 0, as in the paper and ScaleRL).
+β·k3 term is not offered (β = 0, as in the paper and ScaleRL). TRL rescales num_items_in_batch
+inside the loss for processes and accumulation (÷ processes × accumulation steps ÷ steps per
+generation); here the caller passes the token count that the call's share of the gradient should use.
 """
 from __future__ import annotations
 

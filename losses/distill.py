@@ -21,8 +21,9 @@ They differ in what the teacher gives back per position.
    loss (cispo_loss, gspo_loss with (N, T) advantages).
    Departures: the write-up's Tinker `importance_sampling` loss is a plain token SUM (scale left to the
    learning rate); here it is divided by the token count, like every token-level loss in this project.
-   TRL has no loss of exactly this form; its IW-OPD trainer with iw_opd_gamma = 0 uses the same
-   advantage in a REINFORCE loss −A·log π, whose gradient equals this one at r = 1 (tested).
+   TRL 1.16 has no loss of exactly this form (its DistillationTrainer, GKD and server distillation
+   match full or top-k distributions); its experimental IW-OPD trainer with iw_opd_gamma = 0 uses the
+   same advantage in a REINFORCE loss −A·log π, whose gradient equals this one at r = 1 (tested).
    Metrics: `reverse_kl` the mean over completion tokens of log π_old − log π_t (the per-token k1
    estimate of KL(student‖teacher) on the sampled tokens), `ratio_mean`.
 
