@@ -19,7 +19,8 @@ TRL's recommended epsilon_high=5.0. NOTE the convention: TRL's `epsilon_high` fo
 here ε_high is an offset from 1, as in the MiniMax formula and in grpo_loss. ScaleRL pairs it with
 batch-scaled rewards: advantages from losses/advantages.py's "grpo" estimator with
 scale_rewards="batch".
-Advantages (N,) broadcast over tokens, or per-token (N, T).
+Advantages (N,) broadcast over tokens, or per-token (N, T). Padding positions of logps, old_logps
+and (N, T) advantages may hold anything (even inf/NaN).
 Normaliser: token sum / num_items_in_batch, the completion tokens of the whole generation batch
 (all micro-batches), so micro-batch losses add up to one token mean (the paper's 1/Σ|o_i|; TRL's
 cispo normaliser, shared with dapo). Defaults to this call's completion-token count.
@@ -66,7 +67,7 @@ def cispo_loss(logps, old_logps, advantages, mask, epsilon_low: float | None = N
     keep = mask.bool()
     mask = mask.to(logps.dtype)
     adv = advantages.to(logps.dtype)
-    adv = adv[:, None] if adv.dim() == 1 else adv
+    adv = adv[:, None] if adv.dim() == 1 else torch.where(keep, adv, 0.0)  # padding may hold anything
 
     ratio = torch.exp(torch.where(keep, logps - old_logps, 0.0)).detach()
     floor = None if epsilon_low is None else 1 - epsilon_low

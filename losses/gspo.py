@@ -23,7 +23,7 @@ Defaults: ε_low = 3e-4, ε_high = 4e-4 (paper v2 §5.1; TRL's documented GSPO s
 geometric mean: a 4e-4 change of s_i is a large change of the sequence likelihood.
 Normaliser: per-sequence token mean, then mean over the N sequences (TRL loss_type="grpo" at
 importance_sampling_level="sequence"); a completion with no tokens contributes 0 and still counts in N.
-Padding positions may hold anything: they enter as log-ratio 0.
+Padding positions of logps, old_logps and (N, T) advantages may hold anything (even inf/NaN).
 
 Metrics (detached):
     seq_ratio/min|mean|max   s_i over completions with at least one token (1 when there are none)
@@ -62,7 +62,7 @@ def gspo_loss(logps, old_logps, advantages, mask, epsilon_low: float = 3e-4, eps
     keep = mask.bool()
     mask = mask.to(logps.dtype)
     adv = advantages.to(logps.dtype)
-    adv = adv[:, None] if adv.dim() == 1 else adv
+    adv = adv[:, None] if adv.dim() == 1 else torch.where(keep, adv, 0.0)  # padding may hold anything
 
     log_ratio = torch.where(keep, logps - old_logps, 0.0)
     log_s = masked_mean(log_ratio, mask, dim=-1).detach()            # (N,) log s_i

@@ -510,3 +510,15 @@ def test_gkd_empty_mask_and_bad_input():
         gkd_loss(t(hs[:, :2]), t(ws), t(ht), t(wt), t(m))
     with pytest.raises(ValueError, match="temperature"):
         generalized_jsd(t(hs[0]), t(hs[0]), 0.5, 0.0)
+
+
+def test_per_token_advantages_may_hold_anything_on_padding():
+    """(N, T) advantages come from other code (opd_advantages, a critic): padding values must not leak in."""
+    lp, old, _, m = cispo_batch(4)
+    adv = np.random.default_rng(12).normal(0, 1, lp.shape)
+    junk = np.where(m > 0, adv, np.nan)
+    for fn in (lambda x, a: gspo_loss(x, t(old), t(a), t(m), 0.2, 0.2), lambda x, a: cispo_loss(x, t(old), t(a), t(m))):
+        clean, dirty = grad_of(lambda x: fn(x, adv), lp), grad_of(lambda x: fn(x, junk), lp)
+        assert np.isfinite(dirty[0]) and np.isfinite(dirty[1]).all()
+        np.testing.assert_allclose(dirty[0], clean[0], rtol=1e-14)
+        np.testing.assert_allclose(dirty[1], clean[1], rtol=1e-14)
