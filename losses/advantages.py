@@ -40,7 +40,7 @@ KL in the reward (`kl_in_reward`), TRL's RLOO and the REINFORCE++ paper's form:
     β = 0.05.
 
 Departures:
-    - REINFORCE++ (paper, verl, OpenRLHF) adds the KL per token and normalises per token, so its
+    - REINFORCE++ (the paper and verl) adds the KL per token and normalises per token, so its
       advantage is a return-to-go A_t = r − β Σ_{s≥t} KL_s and the batch statistics weight each
       completion by its length. Here the advantage is one number per completion (every loss in this
       project takes that) and each completion counts once in the batch statistics (as ms-swift's
