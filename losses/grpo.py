@@ -3,14 +3,10 @@
 GRPO (Shao et al. 2024, DeepSeekMath, https://arxiv.org/abs/2402.03300) drops PPO's critic: G
 completions are sampled per prompt and each is scored against its own group.
 
-Advantage (one scalar per completion, broadcast over its tokens), `group_advantages`:
-    A_i = (r_i − mean_group(r)) / (std(r) + eps),  eps = 1e-4 (TRL's constant)
-    scale_rewards = "group"  std over the completion's group        (TRL's default)
-                    "batch"  std over every reward in the batch     (mean is still the group's)
-                    "none"   no division: A_i = r_i − mean_group(r)  (Dr. GRPO's recommendation)
-    std is the UNBIASED sample std (Bessel, divides by G − 1), because TRL calls torch.std with its
-    default correction=1. A group of one has no spread: its std is taken as 0 (torch would give NaN).
-    Tied groups (all rewards equal) get A = 0 exactly: they carry no learning signal.
+Advantage (one scalar per completion, broadcast over its tokens): `group_advantages`, the "grpo"
+estimator of losses/advantages.py (re-exported here), where its formula, scalings and the other
+estimators (RLOO, REINFORCE++) are documented:
+    A_i = (r_i − mean_group(r)) / (std(r) + eps),  eps = 1e-4,  scale_rewards = group | batch | none
 
 Per-token objective, r_t = exp(logπ_t − logπ_old,t) (the ratio against the sampling policy):
     ℓ_t = −min(r_t·A, clip(r_t, 1 − ε_low, 1 + ε_high)·A) + β·k3_t
@@ -57,39 +53,11 @@ from typing import Literal
 
 import torch
 
+from losses.advantages import SCALE_REWARDS, _grouped, group_advantages  # noqa: F401  (re-exported: callers import them from here)
 from losses.common import masked_mean, masked_sum
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 LOSS_TYPES = typing.get_args(LossType)
-SCALE_REWARDS = ("group", "batch", "none")
-
-
-def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    rewards = torch.as_tensor(rewards)
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
-    if group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    return rewards.view(-1, group_size)
-
-
-def group_advantages(rewards, group_size: int, scale_rewards: str = "group", eps: float = 1e-4) -> torch.Tensor:
-    """(N,) rewards, consecutive groups of `group_size` completions of one prompt -> (N,) advantages."""
-    if scale_rewards not in SCALE_REWARDS:
-        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
-    rewards = torch.as_tensor(rewards)
-    if not rewards.is_floating_point():
-        rewards = rewards.float()
-    groups = _grouped(rewards, group_size)
-    adv = (groups - groups.mean(dim=1, keepdim=True)).reshape(-1)
-    if scale_rewards == "none":
-        return adv
-    if scale_rewards == "group":
-        std = groups.std(dim=1) if group_size > 1 else groups.new_zeros(groups.shape[0])
-        std = std.repeat_interleave(group_size)
-    else:
-        std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
-    return adv / (std + eps)
 
 
 def grpo_loss(logps, old_logps, advantages, mask, ref_logps=None, beta: float = 0.0,
