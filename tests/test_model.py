@@ -20,11 +20,11 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config  # noqa: E402
 
 from model.config import ModelConfig  # noqa: E402
-from model.load import load_model, save_model  # noqa: E402
+from model.load import ModelError, load_model, save_model  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from model.transformer import Transformer, rope_inv_freq  # noqa: E402
 
-VOCAB = 96
+VOCAB = 320  # above the 300 tokens of _make_hf_tokenizer: load_model refuses a tokenizer the embedding cannot hold
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
             bos_token_id=1, eos_token_id=2)
@@ -151,17 +151,21 @@ def _tamper(directory, fn):
 
 
 @pytest.mark.parametrize("tamper, message", [
-    (lambda s: s.pop("model.layers.1.mlp.up_proj.weight"), "Missing key"),
-    (lambda s: s.__setitem__("model.layers.0.self_attn.extra.weight", torch.zeros(2)), "Unexpected key"),
-    (lambda s: s.__setitem__("model.norm.weight", torch.ones(33)), "size mismatch"),
-    (lambda s: s.__setitem__("model.layers.0.self_attn.k_proj.weight", torch.zeros(32, 32)), "size mismatch"),
+    (lambda s: s.pop("model.layers.1.mlp.up_proj.weight"), "no tensor 'model.layers.1.mlp.up_proj.weight'"),
+    (lambda s: s.__setitem__("model.layers.0.self_attn.extra.weight", torch.zeros(2)),
+     "tensor 'model.layers.0.self_attn.extra.weight' is not part of the model"),
+    (lambda s: s.__setitem__("model.norm.weight", torch.ones(33)), r"'model.norm.weight' has shape \[33\].*\[32\]"),
+    (lambda s: s.__setitem__("model.layers.0.self_attn.k_proj.weight", torch.zeros(32, 32)),
+     r"has shape \[32, 32\], but .*config.json \(num_key_value_heads=2, head_dim=8, hidden_size=32\) describes "
+     r"shape \[16, 32\]"),
 ])
 def test_checkpoint_that_does_not_match_fails_to_load(tmp_path, tamper, message):
     _hf_checkpoint(tmp_path, "qwen2_tied")
     load_model(str(tmp_path), dtype="fp32", device="cpu", with_tokenizer=False)  # loads before tampering
     _tamper(str(tmp_path), tamper)
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(ModelError, match=message) as e:
         load_model(str(tmp_path), dtype="fp32", device="cpu", with_tokenizer=False)
+    assert str(e.value).startswith(str(tmp_path / "model.safetensors")) and "\n" not in str(e.value)
 
 
 def test_config_of_another_size_fails_to_load(tmp_path):
@@ -169,7 +173,8 @@ def test_config_of_another_size_fails_to_load(tmp_path):
     cfg = json.load(open(tmp_path / "config.json"))
     cfg["num_hidden_layers"] = 3
     json.dump(cfg, open(tmp_path / "config.json", "w"))
-    with pytest.raises(RuntimeError, match="model.layers.2"):
+    with pytest.raises(ModelError, match="config.json: field 'num_hidden_layers' is 3, but .*model.safetensors "
+                                         "holds 2 layers"):
         load_model(str(tmp_path), dtype="fp32", device="cpu", with_tokenizer=False)
 
 
