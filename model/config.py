@@ -155,7 +155,14 @@ class ModelConfig:
         heads, kv = kw["num_attention_heads"], kw["num_key_value_heads"]
         check.that(heads % kv == 0, "num_key_value_heads", f"a divisor of num_attention_heads={heads}", kv)
         config = cls(**kw, rope_theta=float(theta), rope_scaling=scaling, raw=d)
-        check.that(config.head_dim % 2 == 0, "head_dim", "an even number (RoPE rotates pairs)", config.head_dim)
+        check.that(config.head_dim > 0 and config.head_dim % 2 == 0, "head_dim",
+                   "a positive even number (RoPE rotates pairs; hidden_size // num_attention_heads when absent)",
+                   config.head_dim)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            ids = getattr(config, name)
+            for i in ids if isinstance(ids, list) else [ids]:
+                check.that(i is None or 0 <= i < config.vocab_size, name,
+                           f"a token id in [0, vocab_size={config.vocab_size})", i)
         if family != "llama" and d.get("use_sliding_window"):
             check.sliding(d, config.num_hidden_layers)
         return config

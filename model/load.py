@@ -114,15 +114,17 @@ def weight_headers(directory: str) -> tuple[str, dict[str, tuple[str, list[int],
         listing = index
         data = read_json(index)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map or \
-                not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        if not isinstance(weight_map, dict) or not weight_map:
             raise ModelError(f"{index}: expected an object whose 'weight_map' maps each tensor name to its shard "
-                             f"file, got {type(weight_map).__name__ if weight_map is not None else 'no weight_map'}")
+                             f"file, got {'no weight_map' if weight_map is None else repr(weight_map)[:80]}")
+        bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise ModelError(f"{index}: weight_map['{bad[0]}']: expected a shard file name, got {bad[1]!r}"[:300])
         shards: dict[str, list[str]] = {}
         for key, shard in weight_map.items():
             shards.setdefault(shard, []).append(key)
         for shard in shards:
-            if os.path.basename(shard) != shard or shard in (".", ".."):
+            if not shard or os.path.basename(shard) != shard or shard in (".", ".."):
                 raise ModelError(f"{index}: shard '{shard}' is not a file name inside the model directory")
             if not os.path.isfile(os.path.join(directory, shard)):
                 raise MissingModelFile(f"{index}: lists shard '{shard}', which is not in {directory}")

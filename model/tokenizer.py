@@ -71,6 +71,10 @@ def _json_object(path: str) -> dict:
     return data
 
 
+def _is_token_id(i, backend) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**32 and backend.id_to_token(i) is not None
+
+
 def _token_content(tok, where: str, name: str):
     """tokenizer_config.json writes a special token as a string, as {"content": ...} or as null."""
     if isinstance(tok, dict):
@@ -260,12 +264,11 @@ class Tokenizer:
                 raise ModelError(f"{source[name]}: field '{name}': {special[name]!r} is not a token of {tj}; "
                                  f"expected one of its tokens")
         gen_eos = gen.get("eos_token_id")
-        ids = [gen_eos] if isinstance(gen_eos, int) and not isinstance(gen_eos, bool) else gen_eos
-        if gen_eos is not None and not (isinstance(ids, list) and all(
-                isinstance(i, int) and not isinstance(i, bool) and backend.id_to_token(i) is not None for i in ids)):
+        ids = [gen_eos] if not isinstance(gen_eos, list) else gen_eos
+        if gen_eos is not None and not all(_is_token_id(i, backend) for i in ids):
             raise ModelError(f"{gen_path}: field 'eos_token_id': expected a token id of {tj} (below "
                              f"{backend.get_vocab_size(with_added_tokens=True)}) or a list of them, got {gen_eos!r}")
-        tok.extra_eos_token_ids = list(ids or [])
+        tok.extra_eos_token_ids = list(ids) if gen_eos is not None else []
         return tok
 
     @staticmethod
@@ -361,7 +364,7 @@ class Tokenizer:
     @property
     def max_token_id(self) -> int:
         """The largest id the tokenizer can produce (added tokens may sit past the base vocabulary)."""
-        return max(self.backend.get_vocab(with_added_tokens=True).values())
+        return max(self.backend.get_vocab(with_added_tokens=True).values(), default=-1)
 
     @property
     def special_tokens_map(self) -> dict[str, str]:
