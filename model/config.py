@@ -11,7 +11,8 @@ RoPE settings come either as `rope_theta` + `rope_scaling` (what hub checkpoints
 Every field is checked for its type and range when the file is read (`from_hf`), because a wrong
 value otherwise surfaces much later as a shape error deep in torch, or not at all: a missing
 `tie_word_embeddings` silently tied a separate `lm_head` before. A field that is absent takes the
-default transformers gives it for that family, so both read the same model from the same file.
+meaning it has for a hub checkpoint (untied embeddings, as transformers reads it), not the tiny
+defaults this dataclass has for models built in code.
 Any problem is a `ModelError` naming the file, the line and the field.
 """
 from __future__ import annotations
@@ -130,7 +131,9 @@ class ModelConfig:
         kw = {k: d[k] for k in cls.__dataclass_fields__
               if d.get(k) is not None and k not in ("raw", "rope_theta", "rope_scaling")}
         kw.update({k: d.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
-        # absent or null: transformers' defaults for these families (not this dataclass's tiny-model defaults)
+        # absent or null: not this dataclass's tiny-model defaults but what the field means for a hub checkpoint:
+        # untied (transformers' default for all three families), one kv head per head (multi-head attention,
+        # as transformers documents it), Qwen3's 128-wide heads
         kw.setdefault("num_key_value_heads", d["num_attention_heads"])
         kw.setdefault("tie_word_embeddings", False)
         if family == "qwen3" and d.get("head_dim") is None:

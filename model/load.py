@@ -57,29 +57,32 @@ def resolve_device(name) -> torch.device:
     Raises ValueError with one line for a name torch does not know (`tpu9`) and for a device this
     machine does not have (`cuda` on a CPU-only machine, `cuda:3` with two GPUs), instead of the
     RuntimeError torch raises at the first tensor moved there."""
+    given = name
     if isinstance(name, torch.device):
         name = str(name)
+    if isinstance(name, int) and not isinstance(name, bool):  # device=0 on the command line: cuda:0
+        name = f"cuda:{name}"
     if name is None or name == "auto":
         return auto_device()
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device '{name}': not a device name; expected {DEVICES}") from None
+        raise ValueError(f"device '{given}': not a device name; expected {DEVICES}") from None
     if device.type == "cpu":
         return device
     if device.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
-            raise ValueError(f"device '{name}': CUDA is not available ({why}); use device=cpu or device=auto")
+            raise ValueError(f"device '{given}': CUDA is not available ({why}); use device=cpu or device=auto")
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise ValueError(f"device '{name}': only {count} CUDA device(s) are visible (cuda:0 .. cuda:{count - 1})")
+            raise ValueError(f"device '{given}': only {count} CUDA device(s) are visible (cuda:0 .. cuda:{count - 1})")
         return device
     if device.type == "mps":
         if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
-            raise ValueError(f"device '{name}': MPS is not available on this machine; use device=cpu or device=auto")
+            raise ValueError(f"device '{given}': MPS is not available on this machine; use device=cpu or device=auto")
         return device
-    raise ValueError(f"device '{name}': device type '{device.type}' is not supported; expected {DEVICES}")
+    raise ValueError(f"device '{given}': device type '{device.type}' is not supported; expected {DEVICES}")
 
 
 def resolve_dtype(dtype) -> torch.dtype:

@@ -387,7 +387,7 @@ def test_unknown_device_is_a_clear_error(name, fragment):
 
 def test_cuda_without_cuda_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for name in ("cuda", "cuda:0", "cuda:3"):
+    for name in ("cuda", "cuda:0", "cuda:3", 0):
         with pytest.raises(ValueError, match=f"device '{name}': CUDA is not available"):
             resolve_device(name)
     assert resolve_device("auto").type in ("cpu", "mps")
