@@ -224,8 +224,9 @@ def _check_layer_count(headers, listing: str, config: ModelConfig, cfg_path: str
     layers = {int(m.group(1)) for k in headers if (m := re.match(r"model\.layers\.(\d+)\.", k))}
     held = max(layers) + 1 if layers else 0
     if held != config.num_hidden_layers:
+        what = f"{held} layers (model.layers.0 .. model.layers.{held - 1})" if held else "no model.layers.* tensors"
         raise ModelError(f"{cfg_path}: field 'num_hidden_layers' is {config.num_hidden_layers}, but {listing} "
-                         f"holds {held} layers (model.layers.0 .. model.layers.{held - 1}); expected them to agree")
+                         f"holds {what}; expected them to agree")
 
 
 def is_reward_model(config: ModelConfig) -> bool:
