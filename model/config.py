@@ -248,5 +248,6 @@ class _Checker:
         first = d.get("max_window_layers", 28)
         self.that(_is_int(first) and first >= 0, "max_window_layers", "a non-negative integer", first)
         types = d.get("layer_types")
-        ok = types is None or (isinstance(types, list) and len(types) == layers and all(t in LAYER_TYPES for t in types))
+        ok = types is None or (isinstance(types, list) and len(types) == layers
+                               and all(t in LAYER_TYPES for t in types))
         self.that(ok, "layer_types", f"a list of {layers} (num_hidden_layers) entries from {LAYER_TYPES}", types)

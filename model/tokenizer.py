@@ -244,7 +244,8 @@ class Tokenizer:
     def from_dir(cls, path: str) -> "Tokenizer":
         tj = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tj):
-            raise MissingModelFile(f"{path}: no tokenizer.json (looked for {tj}); posttrain needs a fast tokenizer file")
+            raise MissingModelFile(f"{path}: no tokenizer.json (looked for {tj}); posttrain needs a fast tokenizer "
+                                   f"file")
         try:
             backend = _HFTokenizer.from_file(tj)
         except Exception as e:  # the Rust library raises a bare Exception for every defect
@@ -324,7 +325,8 @@ class Tokenizer:
             if isinstance(given, list):  # [{"name": "default", "template": ...}, ...]
                 for i, t in enumerate(given):
                     if not (isinstance(t, dict) and isinstance(t.get("name"), str) and "template" in t):
-                        raise ModelError(f"{where}[{i}]: expected {{\"name\": ..., \"template\": ...}}, got {t!r}"[:300])
+                        got = repr(t)[:80]
+                        raise ModelError(f"{where}[{i}]: expected {{\"name\": ..., \"template\": ...}}, got {got}")
                     templates[t["name"]] = t["template"]
             elif given is not None:
                 templates["default"] = given
@@ -368,7 +370,7 @@ class Tokenizer:
 
     @property
     def special_tokens_map(self) -> dict[str, str]:
-        """What a chat template sees as `bos_token`, `eos_token`, `unk_token` ...: only the tokens this tokenizer has."""
+        """What a chat template sees as `bos_token`, `eos_token`, `unk_token` ...: only the tokens it has."""
         out = dict(self.special_tokens)
         for name in ("bos_token", "eos_token", "pad_token"):
             if getattr(self, name) is None:
