@@ -16,6 +16,13 @@ every row, so left-padded prompts of different lengths share one prefill, and `c
 records which slots hold real tokens. `KVCache.repeat_interleave(G)` turns one prefill per prompt
 into G samples per prompt without recomputing it.
 
+Sliding-window layers (Qwen2/Qwen3 with `use_sliding_window: true`, per `layer_types` or from
+`max_window_layers` on, as transformers 5 reads them) see only the last `sliding_window` keys,
+themselves included: one banded copy of the step's mask serves every such layer, on the causal,
+left-padded, KV-cache and packed-document paths alike. Slots and positions differ only by each
+row's left padding, so a band over slots is the band over positions transformers applies. The
+cache keeps every slot (no rolling buffer): memory as for full attention, results as windowed.
+
 `forward(..., hidden_only=True)` returns the final hidden states instead of logits: training
 code gathers token log-probs from them in chunks (losses/common.py) so the batch x length x vocab
 fp32 logits are never materialised.
@@ -189,6 +196,7 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.gradient_checkpointing = False
+        self.sliding = [t == "sliding_attention" for t in config.layer_types]  # per layer
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -239,18 +247,35 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         position_ids = position_ids.clamp(min=0)
+        window = self.config.sliding_window
+        offset = cache_pos if cache is not None else 0
+        banded = mask
+        if window is not None and any(self.sliding) and offset + T > window:  # else the band hides nothing
+            banded = _band(mask, T, offset, window, input_ids.device)
 
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
-        for layer in self.model.layers:
+        for layer, sliding in zip(self.model.layers, self.sliding):
+            m = banded if sliding else mask
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, cache, cache_pos, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, m, cache, cache_pos, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, cache_pos)
+                x = layer(x, cos, sin, m, cache, cache_pos)
         x = self.model.norm(x)
         if hidden_only:
             return x
         return F.linear(x, self.lm_head_weight)
+
+
+def _band(mask, T: int, offset: int, window: int, device) -> torch.Tensor:
+    """`mask` (None: plain causal) restricted to the last `window` key slots of each query (itself included),
+    transformers' sliding_window_overlay: key slot k is seen from query slot q only if k > q - window."""
+    q_slot = torch.arange(offset, offset + T, device=device)[:, None]
+    k_slot = torch.arange(offset + T, device=device)[None, :]
+    band = k_slot > q_slot - window
+    if mask is None:
+        return (band & (k_slot <= q_slot))[None, None]
+    return mask & band
 
 
 def _document_mask(doc: torch.Tensor) -> torch.Tensor:

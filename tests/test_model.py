@@ -20,11 +20,11 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config  # noqa: E402
 
 from model.config import ModelConfig  # noqa: E402
-from model.load import load_model, save_model  # noqa: E402
+from model.load import ModelError, load_model, save_model  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from model.transformer import Transformer, rope_inv_freq  # noqa: E402
 
-VOCAB = 96
+VOCAB = 320  # above the 300 tokens of _make_hf_tokenizer: load_model refuses a tokenizer the embedding cannot hold
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
             bos_token_id=1, eos_token_id=2)
@@ -151,17 +151,21 @@ def _tamper(directory, fn):
 
 
 @pytest.mark.parametrize("tamper, message", [
-    (lambda s: s.pop("model.layers.1.mlp.up_proj.weight"), "Missing key"),
-    (lambda s: s.__setitem__("model.layers.0.self_attn.extra.weight", torch.zeros(2)), "Unexpected key"),
-    (lambda s: s.__setitem__("model.norm.weight", torch.ones(33)), "size mismatch"),
-    (lambda s: s.__setitem__("model.layers.0.self_attn.k_proj.weight", torch.zeros(32, 32)), "size mismatch"),
+    (lambda s: s.pop("model.layers.1.mlp.up_proj.weight"), "no tensor 'model.layers.1.mlp.up_proj.weight'"),
+    (lambda s: s.__setitem__("model.layers.0.self_attn.extra.weight", torch.zeros(2)),
+     "tensor 'model.layers.0.self_attn.extra.weight' is not part of the model"),
+    (lambda s: s.__setitem__("model.norm.weight", torch.ones(33)), r"'model.norm.weight' has shape \[33\].*\[32\]"),
+    (lambda s: s.__setitem__("model.layers.0.self_attn.k_proj.weight", torch.zeros(32, 32)),
+     r"has shape \[32, 32\], but .*config.json \(num_key_value_heads=2, head_dim=8, hidden_size=32\) describes "
+     r"shape \[16, 32\]"),
 ])
 def test_checkpoint_that_does_not_match_fails_to_load(tmp_path, tamper, message):
     _hf_checkpoint(tmp_path, "qwen2_tied")
     load_model(str(tmp_path), dtype="fp32", device="cpu", with_tokenizer=False)  # loads before tampering
     _tamper(str(tmp_path), tamper)
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(ModelError, match=message) as e:
         load_model(str(tmp_path), dtype="fp32", device="cpu", with_tokenizer=False)
+    assert str(e.value).startswith(str(tmp_path / "model.safetensors")) and "\n" not in str(e.value)
 
 
 def test_config_of_another_size_fails_to_load(tmp_path):
@@ -169,7 +173,8 @@ def test_config_of_another_size_fails_to_load(tmp_path):
     cfg = json.load(open(tmp_path / "config.json"))
     cfg["num_hidden_layers"] = 3
     json.dump(cfg, open(tmp_path / "config.json", "w"))
-    with pytest.raises(RuntimeError, match="model.layers.2"):
+    with pytest.raises(ModelError, match="config.json: field 'num_hidden_layers' is 3, but .*model.safetensors "
+                                         "holds 2 layers"):
         load_model(str(tmp_path), dtype="fp32", device="cpu", with_tokenizer=False)
 
 
@@ -398,6 +403,31 @@ def test_missing_directory_is_a_clear_error(path, offline_hub_cache, monkeypatch
     assert path in str(e.value)
 
 
+def test_hub_id_loads_even_after_a_caller_prefixed_the_repository_root(tmp_path, offline_hub_cache, monkeypatch):
+    """`model=qwen3-0.6b` gives `Qwen/Qwen3-0.6B`; train.py's repo_path() turned it into `<repo>/Qwen/Qwen3-0.6B`,
+    which is no directory, and the loader refused it. The loader now reads both forms as the hub id, and a
+    repo-relative directory from any working directory."""
+    from model.hub import REPO, local_or_hub
+
+    src = tmp_path / "src"
+    hf = _hf_checkpoint(src, "qwen3_tied")
+    _hub_cache(str(offline_hub_cache), "Qwen/Tiny-Test", str(src))
+    monkeypatch.chdir(tmp_path)
+    ids, _ = _batch()
+    for given in ("Qwen/Tiny-Test", os.path.join(REPO, "Qwen", "Tiny-Test")):
+        assert local_or_hub(given) == (None, "Qwen/Tiny-Test")
+        model, _ = load_model(given, dtype="fp32", device="cpu", with_tokenizer=False)
+        torch.testing.assert_close(_our_logits(model, ids), _hf_logits(hf, ids), atol=1e-4, rtol=1e-4)
+    # a directory relative to the repository root, from a working directory that does not have it
+    assert local_or_hub("assets/tiny-qwen3") == (os.path.join(REPO, "assets", "tiny-qwen3"), None)
+    model, tok = load_model("assets/tiny-qwen3", dtype="fp32", device="cpu")
+    assert tok.eos_token_id is not None
+    # a directory of the working directory wins over the hub id of the same name
+    (tmp_path / "Qwen").mkdir()
+    os.symlink(src, tmp_path / "Qwen" / "Tiny-Test")
+    assert local_or_hub("Qwen/Tiny-Test") == ("Qwen/Tiny-Test", None)
+
+
 # ============================================================================ 4. dtype
 def test_bf16_load_is_close_to_fp32_and_bad_dtype_is_named(tmp_path):
     _hf_checkpoint(tmp_path, "llama3_scaled_untied")
@@ -517,3 +547,66 @@ def test_config_json_as_the_hub_carries_it(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     ids, _ = _batch()
     torch.testing.assert_close(_our_logits(ours, ids), _hf_logits(hf, ids), atol=1e-4, rtol=1e-4)
+
+
+# ============================================================================ 8. sliding-window attention
+SLIDING = {
+    # Qwen2 hub layout: layers from max_window_layers on slide (layer 1 of 2), window 4 < the 11-token batch
+    "qwen2_window": lambda: Qwen2Config(**TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                                        tie_word_embeddings=True),
+    # Qwen3 with explicit layer_types: the first layer slides, the second does not
+    "qwen3_layer_types": lambda: Qwen3Config(**TINY, head_dim=12, use_sliding_window=True, sliding_window=3,
+                                             layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+@pytest.mark.parametrize("family", list(SLIDING))
+def test_sliding_window_matches_transformers(tmp_path, family):
+    """A Qwen2/Qwen3 config with use_sliding_window loaded and silently ran full attention (logits 0.1-0.5 off).
+    The window now holds on every path: causal, left-padded, KV cache (prefill + decode), packed documents."""
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(SLIDING[family]()).float().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(str(tmp_path))
+    ours, _ = load_model(str(tmp_path), dtype="fp32", device="cpu", with_tokenizer=False)
+    assert ours.sliding == [t == "sliding_attention" for t in hf.config.layer_types] and any(ours.sliding)
+    ids, mask = _batch()
+    ref = _hf_logits(hf, ids)
+    torch.testing.assert_close(_our_logits(ours, ids), ref, atol=1e-4, rtol=1e-4)
+    # left padding (the sampler's prompts)
+    real = mask.bool()
+    torch.testing.assert_close(_our_logits(ours, ids, mask)[real], _hf_logits(hf, ids, mask)[real],
+                               atol=1e-4, rtol=1e-4)
+    # KV cache: prefill 5 tokens of the left-padded batch, then decode the rest one token at a time
+    from model.transformer import KVCache
+
+    cache = KVCache(ours.config, ids.shape[0], ids.shape[1], "cpu", torch.float32)
+    with torch.no_grad():
+        steps = [ours(ids[:, :5], attention_mask=mask[:, :5], cache=cache, cache_pos=0)]
+        for t in range(5, ids.shape[1]):
+            steps.append(ours(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache, cache_pos=t))
+    cached = torch.cat(steps, dim=1)
+    torch.testing.assert_close(cached[real], _hf_logits(hf, ids, mask)[real], atol=1e-4, rtol=1e-4)
+    # packed documents: each example computes what it computes alone
+    a, b = ids[2, :7], ids[1, :6]
+    with torch.no_grad():
+        packed = ours(torch.cat([a, b])[None], document_ids=torch.tensor([[0] * 7 + [1] * 6]))
+    torch.testing.assert_close(packed[0, :7], _hf_logits(hf, a[None])[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(packed[0, 7:], _hf_logits(hf, b[None])[0], atol=1e-4, rtol=1e-4)
+    # and the window matters here: full attention gives other logits
+    no_window = Transformer(ModelConfig.from_hf(hf.config.to_dict() | {"use_sliding_window": False}))
+    no_window.load_state_dict(ours.state_dict())
+    assert (_our_logits(no_window, ids) - ref).abs().max() > 1e-2
+
+
+def test_sliding_window_wider_than_the_sequence_changes_nothing(tmp_path):
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**TINY, use_sliding_window=True, sliding_window=32, max_window_layers=0)
+    model = Transformer(ModelConfig.from_hf(cfg.to_dict())).eval()
+    full = Transformer(ModelConfig.from_hf(cfg.to_dict() | {"use_sliding_window": False})).eval()
+    full.load_state_dict(model.state_dict())
+    ids, mask = _batch()
+    assert all(model.sliding) and not any(full.sliding)
+    torch.testing.assert_close(_our_logits(model, ids, mask), _our_logits(full, ids, mask), atol=0, rtol=0)
