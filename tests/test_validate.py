@@ -122,14 +122,14 @@ def test_kto_label_balance(tmp_path, tok):
 def test_scored_groups_reward_spread(tmp_path):
     rows = [{"prompt": "a", "responses": [{"text": "x", "score": 1.0}, {"text": "y", "score": 0.0}]},
             {"prompt": "b", "responses": [{"text": "x", "score": 0.5}, {"text": "y", "score": 0.5}]},
-            {"prompt": "c", "responses": [{"text": t, "score": 0.0} for t in "xyz"]},
+            {"prompt": "c", "responses": [{"text": t, "score": 0.0} for t in "xy"]},
             {"prompt": "d", "responses": [{"text": "x", "score": "high"}]}]
     report = validate_file(write_lines(tmp_path / "scored.jsonl", rows), "scored", None)
     assert [e["line"] for e in report["errors"]] == [4]
     assert "responses[0].score" in report["errors"][0]["message"]
     g = report["stats"]["groups"]
     assert (g["n"], g["tied_groups"], g["tied_lines"]) == (3, 2, [2, 3])
-    assert g["tied_share"] == round(2 / 3, 4) and g["size"]["min"] == 2 and g["size"]["max"] == 3
+    assert g["tied_share"] == round(2 / 3, 4) and g["size"]["min"] == g["size"]["max"] == 2
     rlvr = [{"problem": "p", "solution": "s", "responses": [{"text": t, "correct": True} for t in "tu"]},
             {"problem": "q", "solution": "s"}]
     g = validate_file(write_lines(tmp_path / "rlvr.jsonl", rlvr), "rlvr", None)["stats"]["groups"]
