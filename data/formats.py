@@ -94,7 +94,7 @@ def _integer(s: str):
 
 
 def _constant(name: str):
-    return _Refused("a finite number (NaN and Infinity are not JSON)", name)
+    return _Refused("a JSON value (NaN and Infinity are not JSON numbers)", name)
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_int=_integer, parse_constant=_constant)
