@@ -372,7 +372,8 @@ def parse_line(raw: bytes, where: str, first: bool = False):
     except json.JSONDecodeError as e:
         snippet = line.strip()
         snippet = snippet[:MAX_SHOWN] + ("..." if len(snippet) > MAX_SHOWN else "")
-        raise DataError(f"{where}: expected a JSON object, got invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno}): {snippet}",
+        what = e.msg.removesuffix(" at")  # "Invalid control character at" already ends with "at"
+        raise DataError(f"{where}: expected a JSON object, got invalid JSON ({what} at column {e.colno}): {snippet}",
                         "json") from None
     except RecursionError:
         raise DataError(f"{where}: expected a JSON object with values nested at most {MAX_DEPTH} deep, got nesting "

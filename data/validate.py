@@ -212,7 +212,7 @@ def validate_file(path: str, fmt: str, tok=None, max_length: int | None = 256, r
     # lengths in tokens, as training tokenizes them
     if tok is not None and records:
         cap = None if max_length is None else max(LENGTH_CAP * max_length, 1024)
-        totals, prompt_lens, over, dropped, measured = [], [], 0, 0, 0
+        totals, prompt_lens, over, dropped, measured, n_capped = [], [], 0, 0, 0, 0
         chosen_longer = 0
         for ln, obj in records:
             try:
@@ -222,6 +222,7 @@ def validate_file(path: str, fmt: str, tok=None, max_length: int | None = 256, r
                     f"{shown}:{ln}: cannot tokenize this record ({type(e).__name__}: {e})")})
                 continue
             measured += 1
+            n_capped += capped
             totals.append(total)
             prompt_lens.append(plen)
             if max_length is not None and total > max_length:
@@ -243,7 +244,7 @@ def validate_file(path: str, fmt: str, tok=None, max_length: int | None = 256, r
         stats["tokens"] = {"max_length": max_length, "length": _percentiles(totals),
                            "prompt_length": _percentiles(prompt_lens) if fmt != "text" else None,
                            "over_max_length": over, "truncated_share": round(over / n, 4),
-                           "dropped": dropped, "counted_up_to": cap}
+                           "dropped": dropped, "counted_up_to": cap, "longer_than_counted": n_capped}
         if fmt == "preference":
             stats["tokens"]["chosen_longer_share"] = round(chosen_longer / n, 4)
     return {"path": shown, "format": fmt, "errors": errors, "warnings": warnings, "stats": stats}
@@ -289,7 +290,9 @@ def format_report(report: dict, max_shown: int = 50) -> str:
         t = s["tokens"]
         ln = t["length"]
         out.append(f"  length in tokens: min {ln['min']}, mean {ln['mean']}, p50 {ln['p50']}, p90 {ln['p90']}, "
-                   f"p99 {ln['p99']}, max {ln['max']}")
+                   f"p99 {ln['p99']}, max {ln['max']}"
+                   + (f" (counted up to {t['counted_up_to']}: {t['longer_than_counted']} records are longer)"
+                      if t.get("longer_than_counted") else ""))
         if t.get("prompt_length") and t["prompt_length"].get("n"):
             p = t["prompt_length"]
             out.append(f"  prompt tokens: mean {p['mean']}, p90 {p['p90']}, max {p['max']}")

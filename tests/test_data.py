@@ -226,7 +226,8 @@ def test_lone_surrogate_in_messages_and_pairs_still_read(tmp_path, tiny_tokenize
     ("scored", '{"prompt": "p", "responses": [{"text": "a", "score": NaN}]}',
      "field 'responses[0].score': expected a JSON value (NaN and Infinity are not JSON numbers), got NaN"),
     ("scored", '{"prompt": "p", "responses": [{"text": "a", "score": -Infinity}]}', "got -Infinity"),
-    ("scored", '{"prompt": "p", "responses": [{"text": "a", "score": 1e999}]}', "expected a finite number, got number Infinity"),
+    ("scored", '{"prompt": "p", "responses": [{"text": "a", "score": 1e999}]}',
+     "expected a finite number, got number Infinity"),
     ("text", '{"text": "t", "weight": Infinity}', "field 'weight': expected a JSON value"),
 ])
 def test_numbers_json_cannot_mean(tmp_path, fmt, line, match):

@@ -209,7 +209,9 @@ def test_every_bad_line_is_reported_in_one_pass(tmp_path, tok):
     assert all(line.isprintable() for line in text.splitlines())
 
 
-def test_cli_reports_every_bad_line_and_ends_with_the_verdict(tmp_path):
+def test_cli_reports_every_bad_line_and_ends_with_the_verdict(tmp_path, capsys):
+    from data.validate import main
+
     path = write_raw(tmp_path / "bad.jsonl", BAD_SCORED)
     out = subprocess.run([sys.executable, "-m", "data.validate", path, "--format", "scored", "--max-length", "64"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -217,10 +219,10 @@ def test_cli_reports_every_bad_line_and_ends_with_the_verdict(tmp_path):
     for line in (2, 3, 4, 5, 6, 7, 8, 10):
         assert f"{path}:{line}:" in out.stdout
     assert out.stdout.splitlines()[-1].startswith("FAILED: 8 invalid lines")
-    out = subprocess.run([sys.executable, "-m", "data.validate", path, "--format", "scored", "--model", "none",
-                          "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and len(json.loads(out.stdout)["errors"]) == 8  # stdout stays pure JSON
-    assert out.stderr.splitlines()[-1].startswith("FAILED: 8 invalid lines")
+    assert main([path, "--format", "scored", "--model", "none", "--json"]) == 1
+    stdout, stderr = capsys.readouterr()
+    assert len(json.loads(stdout)["errors"]) == 8  # stdout stays pure JSON, the verdict goes to stderr
+    assert stderr.splitlines()[-1].startswith("FAILED: 8 invalid lines")
 
 
 def test_cli_file_errors_and_required_columns(tmp_path, capsys):
@@ -262,4 +264,5 @@ def test_huge_lines_are_measured_up_to_a_cap(tmp_path, tok):
     assert report["errors"] == [] and report["stats"]["tokens"]["counted_up_to"] == 1024
     overlong = [w for w in report["warnings"] if w["kind"] == "overlong"]
     assert [w["line"] for w in overlong] == [2] and "is more than 1024 tokens" in overlong[0]["message"]
-    assert report["stats"]["tokens"]["length"]["max"] == 1024
+    assert report["stats"]["tokens"]["length"]["max"] == 1024 and report["stats"]["tokens"]["longer_than_counted"] == 1
+    assert "(counted up to 1024: 1 records are longer)" in format_report(report)
