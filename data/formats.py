@@ -273,7 +273,7 @@ def validate(obj, fmt: str, where: str, require=()) -> None:
             else:
                 _check_field(where, obj, field, check, required)
     spec = {field: check for field, check, _ in (FORMATS[fmt] or [])}
-    for field in require:
+    for field in (require,) if isinstance(require, str) else require:
         check = spec.get(field, PRESENT)
         if isinstance(check, list):
             _check_list(where, obj, field, check, True)

@@ -33,8 +33,8 @@ import os
 import sys
 from collections import Counter
 
-from data.formats import (BLANK, FORMATS, DataError, shown_path, one_line, encode_prompt, group_size_errors, parse_line,
-                          read_lines, tokenize_pair, tokenize_sft, tokenize_text, validate)
+from data.formats import (BLANK, FORMATS, DataError, encode_prompt, group_size_errors, one_line, parse_line, read_lines,
+                          shown_path, tokenize_pair, tokenize_sft, tokenize_text, validate)
 
 ALIASES = {
     "sft": "sft",
