@@ -13,7 +13,7 @@ from data.validate import validate_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 0
-CASES = 150  # per format
+CASES = 400  # per format
 
 GOOD = {
     "text": {"text": "<|im_start|>user\nhi<|im_end|>\n"},
@@ -63,15 +63,11 @@ def dumps(v) -> str:
     if isinstance(v, dict):
         items = list(v.items())
         if isinstance(v, Twice):
-            items.insert(0, (v.key, Raw(random_weird_value(random.Random(len(items))))))
+            items.insert(0, (v.key, v[v.key]))  # the same value twice: still a duplicate key
         return "{" + ", ".join(f"{json.dumps(k)}: {dumps(x)}" for k, x in items) + "}"
     if isinstance(v, list):
         return "[" + ", ".join(dumps(x) for x in v) + "]"
     return json.dumps(v)
-
-
-def random_weird_value(rng):
-    return rng.choice(WEIRD)
 
 
 def containers(v, out=None):
