@@ -5,8 +5,10 @@ one wants the opposite: every problem in the file at once, and the numbers that 
 run is worth starting. So this reads the whole file, checks each line with the same per-record
 `validate` that training uses (the messages are the same), keeps going, and then reports:
 
-  errors (exit code 1)  invalid UTF-8, invalid JSON, a record that is not of the format (missing or
-                        empty field, wrong type), with its line number
+  errors (exit code 1)  invalid UTF-8, invalid JSON (NaN/Infinity, a key twice, lone surrogates,
+                        nesting or integers past the limits included), a record that is not of the
+                        format (missing or empty field, wrong type, a scored/RLVR group of another
+                        size than the others), with its line number
   warnings              exact duplicates ("duplicate of line N"), identical chosen/rejected pairs,
                         examples longer than --max-length tokens (they would be truncated; dropped when
                         the prompt alone fills it), groups whose scores all tie
@@ -15,7 +17,11 @@ run is worth starting. So this reads the whole file, checks each line with the s
                         lengths, KTO label balance, reward spread of scored / RLVR groups
 
 Formats are named as users know them: sft; dpo, preference, orpo, cpo, simpo, ipo; kto; grpo, prompt,
-dapo; scored; rlvr; text, pretrain. `--json` prints the report as JSON; `--strict` makes warnings fail.
+dapo; scored; rlvr; text, pretrain. `--json` prints the report as JSON; `--strict` makes warnings fail;
+`--require answer` demands a column the run reads. The last line is always the verdict (on stderr
+with --json). No line stops the report: a check that breaks on a line is reported as that line's
+error (kind `internal`, a bug to report), and token lengths are counted up to LENGTH_CAP x
+max_length, so a 10 MB line costs what a long one does.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ import os
 import sys
 from collections import Counter
 
-from data.formats import FORMATS, DataError, tokenize_pair, tokenize_prompt, tokenize_sft, tokenize_text, validate
+from data.formats import (BLANK, FORMATS, DataError, encode_prompt, group_size_errors, one_line, parse_line, read_lines,
+                          shown_path, tokenize_pair, tokenize_sft, tokenize_text, validate)
 
 ALIASES = {
     "sft": "sft",
@@ -40,6 +47,7 @@ ALIASES = {
     "text": "text", "pretrain": "text",
 }
 DEFAULT_MODEL = "assets/tiny-qwen3"
+LENGTH_CAP = 8  # token lengths are counted up to this many times max_length (at least 1024)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -69,18 +77,19 @@ def _std(xs: list[float]) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
-def _lengths(obj: dict, fmt: str, tok) -> tuple[int, int, list[int]]:
-    """(tokens of the longest sequence this record becomes, tokens of its prompt part, each sequence's tokens)."""
+def _lengths(obj: dict, fmt: str, tok, cap: int | None = None) -> tuple[int, int, list[int], bool]:
+    """(tokens of the longest sequence this record becomes, tokens of its prompt part, each sequence's
+    tokens, whether a length reached `cap` and was counted no further)."""
     if fmt == "sft":
-        ex = tokenize_sft(obj, tok, None)
+        ex = tokenize_sft(obj, tok, cap)
         first = ex["loss_mask"].index(1) if 1 in ex["loss_mask"] else len(ex["input_ids"])
-        return len(ex["input_ids"]), first, [len(ex["input_ids"])]
+        return len(ex["input_ids"]), first, [len(ex["input_ids"])], ex["truncated"]
     if fmt == "text":
-        n = len(tokenize_text(obj["text"], tok, None)["input_ids"])
-        return n, 0, [n]
+        ex = tokenize_text(obj["text"], tok, cap)
+        return len(ex["input_ids"]), 0, [len(ex["input_ids"])], ex["truncated"]
     if fmt == "prompt":
-        n = len(tokenize_prompt(obj["prompt"], tok))
-        return n, n, [n]
+        ids, capped = encode_prompt(obj["prompt"], tok, cap)
+        return len(ids), len(ids), [len(ids)], capped
     prompt = obj.get("prompt", obj.get("problem"))
     if fmt == "preference":
         completions = [obj["chosen"], obj["rejected"]]
@@ -90,58 +99,54 @@ def _lengths(obj: dict, fmt: str, tok) -> tuple[int, int, list[int]]:
         completions = [r["text"] for r in obj["responses"]]
     else:  # rlvr
         completions = [obj["solution"]] + [r["text"] for r in obj.get("responses", [])]
-    seqs = [tokenize_pair(prompt, c, tok, None) for c in completions]
+    seqs = [tokenize_pair(prompt, c, tok, cap) for c in completions]
     longest = max(seqs, key=lambda e: len(e["input_ids"]))
     plen = longest["loss_mask"].index(1) if 1 in longest["loss_mask"] else len(longest["input_ids"])
-    return len(longest["input_ids"]), plen, [len(e["input_ids"]) for e in seqs]
+    return len(longest["input_ids"]), plen, [len(e["input_ids"]) for e in seqs], any(e["truncated"] for e in seqs)
 
 
-def validate_file(path: str, fmt: str, tok=None, max_length: int | None = 256) -> dict:
+def validate_file(path: str, fmt: str, tok=None, max_length: int | None = 256, require=(),
+                  group_size: int | None = None) -> dict:
     """The whole report for one file: {"path", "format", "errors", "warnings", "stats"}.
 
     errors/warnings are lists of {"line", "kind", "message"}; every line is checked (nothing stops at
-    the first problem). `tok=None` skips the token-length statistics.
+    the first problem). `tok=None` skips the token-length statistics. `require` and `group_size` as
+    in data.formats.read_jsonl. A file that cannot be read at all (missing, a directory, a FIFO, no
+    permission) raises FileNotFoundError or DataError.
     """
     fmt = resolve_format(fmt) if fmt not in FORMATS else fmt
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: data file not found")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be a positive number of tokens, got {max_length}")
+    shown = shown_path(path)
     errors, warnings, records = [], [], []  # records: (lineno, obj)
-    with open(path, "rb") as f:
-        raw_lines = f.read().split(b"\n")
-    if raw_lines and raw_lines[-1] == b"":
-        raw_lines.pop()
-    blank = 0
-    for lineno, raw in enumerate(raw_lines, start=1):
-        where = f"{path}:{lineno}"
+    lines = blank = 0
+    for lineno, raw in read_lines(path):
+        lines, where = lineno, f"{shown}:{lineno}"
         try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            errors.append({"line": lineno, "kind": "encoding",
-                           "message": f"{where}: expected UTF-8 text, got invalid bytes at column {e.start + 1}"})
-            continue
-        if lineno == 1:
-            line = line.lstrip("\ufeff")
-        if not line.strip():
-            blank += 1
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            snippet = line.strip()[:60] + ("..." if len(line.strip()) > 60 else "")
-            errors.append({"line": lineno, "kind": "json", "message": f"{where}: expected a JSON object, got invalid "
-                                                                     f"JSON ({e.msg} at column {e.colno}): {snippet}"})
-            continue
-        try:
-            validate(obj, fmt, where)
+            obj = parse_line(raw, where, first=lineno == 1)
+            if obj is BLANK:
+                blank += 1
+                continue
+            validate(obj, fmt, where, require)
         except DataError as e:
-            errors.append({"line": lineno, "kind": "schema", "message": str(e)})
+            errors.append({"line": lineno, "kind": e.kind, "message": str(e)})
+            continue
+        except Exception as e:  # a check that broke is a bug, but it must not cost the rest of the report
+            errors.append({"line": lineno, "kind": "internal",
+                           "message": one_line(f"{where}: could not check this line ({type(e).__name__}: {e})")})
             continue
         records.append((lineno, obj))
+    odd = {e.line: e for e in group_size_errors([o for _, o in records], [ln for ln, _ in records], path, fmt,
+                                                   group_size)}
+    if odd:
+        errors += [{"line": ln, "kind": e.kind, "message": str(e)} for ln, e in odd.items()]
+        records = [(ln, o) for ln, o in records if ln not in odd]
+        errors.sort(key=lambda e: e["line"])
 
-    stats = {"lines": len(raw_lines), "blank_lines": blank, "records": len(records), "invalid": len(errors)}
+    stats = {"lines": lines, "blank_lines": blank, "records": len(records), "invalid": len(errors)}
     if not records and not errors:
         errors.append({"line": None, "kind": "empty",
-                       "message": f"{path}: expected at least one JSON line of format {fmt!r}, got an empty file"})
+                       "message": f"{shown}: expected at least one JSON line of format {fmt!r}, got an empty file"})
 
     # duplicates: the same record twice (canonical JSON), and prompts seen before
     first_seen, dups = {}, 0
@@ -150,7 +155,7 @@ def validate_file(path: str, fmt: str, tok=None, max_length: int | None = 256) -
         if key in first_seen:
             dups += 1
             warnings.append({"line": lineno, "kind": "duplicate",
-                             "message": f"{path}:{lineno}: duplicate of line {first_seen[key]}"})
+                             "message": f"{shown}:{lineno}: duplicate of line {first_seen[key]}"})
         else:
             first_seen[key] = lineno
     stats["duplicates"] = dups
@@ -158,7 +163,7 @@ def validate_file(path: str, fmt: str, tok=None, max_length: int | None = 256) -
     prompt_key = {"preference": "prompt", "kto": "prompt", "prompt": "prompt", "scored": "prompt", "rlvr": "problem",
                   "sft": "instruction"}.get(fmt)
     if prompt_key:
-        prompts = Counter(obj.get(prompt_key) for _, obj in records if obj.get(prompt_key) is not None)
+        prompts = Counter(obj[prompt_key] for _, obj in records if isinstance(obj.get(prompt_key), str))
         stats["distinct_prompts"] = len(prompts)
         stats["records_with_a_repeated_prompt"] = sum(n - 1 for n in prompts.values())
 
@@ -167,7 +172,7 @@ def validate_file(path: str, fmt: str, tok=None, max_length: int | None = 256) -
         same = [ln for ln, o in records if o["chosen"].strip() == o["rejected"].strip()]
         for ln in same:
             warnings.append({"line": ln, "kind": "identical_pair",
-                             "message": f"{path}:{ln}: chosen and rejected are identical (no preference signal)"})
+                             "message": f"{shown}:{ln}: chosen and rejected are identical (no preference signal)"})
         stats["identical_pairs"] = len(same)
     elif fmt == "kto":
         good = sum(o["label"] for _, o in records)
@@ -180,7 +185,7 @@ def validate_file(path: str, fmt: str, tok=None, max_length: int | None = 256) -
             stats["labels"]["suggested_desirable_weight"] = [round(lo, 3), round(hi, 3)]
         if not good or not bad:
             warnings.append({"line": None, "kind": "label_balance",
-                             "message": f"{path}: every example is {'desirable' if good else 'undesirable'}: "
+                             "message": f"{shown}: every example is {'desirable' if good else 'undesirable'}: "
                                         f"KTO needs both labels"})
     elif fmt in ("scored", "rlvr"):
         field = "score" if fmt == "scored" else "correct"
@@ -198,7 +203,7 @@ def validate_file(path: str, fmt: str, tok=None, max_length: int | None = 256) -
         }
         for ln in tied:
             warnings.append({"line": ln, "kind": "tied_group",
-                             "message": f"{path}:{ln}: every response has the same {field}: the group carries "
+                             "message": f"{shown}:{ln}: every response has the same {field}: the group carries "
                                         f"no advantage signal"})
     elif fmt == "sft":
         stats["styles"] = {"messages": sum("messages" in o for _, o in records),
@@ -206,30 +211,43 @@ def validate_file(path: str, fmt: str, tok=None, max_length: int | None = 256) -
 
     # lengths in tokens, as training tokenizes them
     if tok is not None and records:
-        totals, prompt_lens, over, dropped = [], [], 0, 0
+        cap = None if max_length is None else max(LENGTH_CAP * max_length, 1024)
+        totals, prompt_lens, over, dropped, measured, n_capped = [], [], 0, 0, 0, 0
         chosen_longer = 0
         for ln, obj in records:
-            total, plen, each = _lengths(obj, fmt, tok)
+            try:
+                total, plen, each, capped = _lengths(obj, fmt, tok, cap)
+            except Exception as e:  # the tokenizer or its chat template refuses this record: training would too
+                errors.append({"line": ln, "kind": "tokenize", "message": one_line(
+                    f"{shown}:{ln}: cannot tokenize this record ({type(e).__name__}: {e})")})
+                continue
+            measured += 1
+            n_capped += capped
             totals.append(total)
             prompt_lens.append(plen)
             if max_length is not None and total > max_length:
                 over += 1
                 lost = fmt not in ("text", "prompt") and plen >= max_length
                 what = "prompt" if fmt == "prompt" else "example"
+                size = f"more than {cap}" if capped else f"{total}"
                 warnings.append({"line": ln, "kind": "overlong", "message":
-                                 f"{path}:{ln}: {what} is {total} tokens, longer than max_length {max_length}: "
+                                 f"{shown}:{ln}: {what} is {size} tokens, longer than max_length {max_length}: "
                                  + ("no completion token would be left (dropped)" if lost
                                     else "it would be truncated")})
                 dropped += lost
             if fmt == "preference":
                 chosen_longer += each[0] > each[1]
+        errors.sort(key=lambda e: e["line"] or 0)
+        stats["records"] -= len(records) - measured
+        stats["invalid"] += len(records) - measured
+        n = max(measured, 1)
         stats["tokens"] = {"max_length": max_length, "length": _percentiles(totals),
                            "prompt_length": _percentiles(prompt_lens) if fmt != "text" else None,
-                           "over_max_length": over, "truncated_share": round(over / len(records), 4),
-                           "dropped": dropped}
+                           "over_max_length": over, "truncated_share": round(over / n, 4),
+                           "dropped": dropped, "counted_up_to": cap, "longer_than_counted": n_capped}
         if fmt == "preference":
-            stats["tokens"]["chosen_longer_share"] = round(chosen_longer / len(records), 4)
-    return {"path": path, "format": fmt, "errors": errors, "warnings": warnings, "stats": stats}
+            stats["tokens"]["chosen_longer_share"] = round(chosen_longer / n, 4)
+    return {"path": shown, "format": fmt, "errors": errors, "warnings": warnings, "stats": stats}
 
 
 def format_report(report: dict, max_shown: int = 50) -> str:
@@ -272,7 +290,9 @@ def format_report(report: dict, max_shown: int = 50) -> str:
         t = s["tokens"]
         ln = t["length"]
         out.append(f"  length in tokens: min {ln['min']}, mean {ln['mean']}, p50 {ln['p50']}, p90 {ln['p90']}, "
-                   f"p99 {ln['p99']}, max {ln['max']}")
+                   f"p99 {ln['p99']}, max {ln['max']}"
+                   + (f" (counted up to {t['counted_up_to']}: {t['longer_than_counted']} records are longer)"
+                      if t.get("longer_than_counted") else ""))
         if t.get("prompt_length") and t["prompt_length"].get("n"):
             p = t["prompt_length"]
             out.append(f"  prompt tokens: mean {p['mean']}, p90 {p['p90']}, max {p['max']}")
@@ -282,8 +302,17 @@ def format_report(report: dict, max_shown: int = 50) -> str:
             share = t["chosen_longer_share"]
             out.append(f"  chosen longer than rejected: {100 * share:.1f}% of pairs"
                        + (" (far from 50%: a length bias the model can learn)" if abs(share - 0.5) > 0.2 else ""))
-    out.append("OK" if not report["errors"] else f"FAILED: {len(report['errors'])} invalid lines")
-    return "\n".join(out)
+    out.append(summary(report))
+    return "\n".join(one_line(line) for line in out)
+
+
+def summary(report: dict) -> str:
+    """The verdict on one line: OK or FAILED, with the counts that decide it."""
+    s, n_err, n_warn = report["stats"], len(report["errors"]), len(report["warnings"])
+    counts = f"{s['records']} good records of {s['lines']} lines, {n_warn} warnings"
+    if n_err:
+        return f"FAILED: {n_err} invalid lines ({counts}): {report['path']}"
+    return f"OK: {counts}: {report['path']}"
 
 
 def load_tokenizer(model: str):
@@ -302,20 +331,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", "-f", required=True, help=f"one of {', '.join(sorted(ALIASES))}")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="tokenizer for token lengths (model dir or hub id; 'none' skips them)")
-    p.add_argument("--max-length", type=int, default=256, help="training max_length in tokens (default 256)")
+    p.add_argument("--max-length", type=_positive, default=256, help="training max_length in tokens (default 256)")
+    p.add_argument("--require", action="append", default=[], metavar="FIELD",
+                   help="a column the run reads that the format leaves optional (e.g. answer); repeatable")
+    p.add_argument("--group-size", type=_positive, default=None,
+                   help="scored/rlvr: every group must have this many responses (the run's num_generations)")
     p.add_argument("--max-shown", type=int, default=50, help="errors/warnings listed of each (0: all)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     args = p.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a path or a message never costs the report its last line
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         fmt = resolve_format(args.format)
         tok = None if args.model.lower() == "none" else load_tokenizer(args.model)
-        report = validate_file(args.file, fmt, tok, args.max_length)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        report = validate_file(args.file, fmt, tok, args.max_length, tuple(args.require), args.group_size)
+    except (ValueError, OSError) as e:  # DataError and FileNotFoundError included: the file as a whole
+        print(one_line(f"error: {e}"), file=sys.stderr)
         return 1
-    print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else format_report(report, args.max_shown))
+    if args.json:
+        print(json.dumps(report, indent=1, ensure_ascii=False))
+        print(summary(report), file=sys.stderr)
+    else:
+        print(format_report(report, args.max_shown))
     return 1 if report["errors"] or (args.strict and report["warnings"]) else 0
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of tokens, got {text}")
+    return n
 
 
 if __name__ == "__main__":

@@ -156,6 +156,241 @@ def test_nothing_is_tokenized_before_the_whole_file_is_valid(tmp_path):
         load_dataset(path, "sft", NoTokenizer(), 64)
 
 
+# ----------------------------------------------------------------------------- strict JSON (issue items 5-8)
+def _first_key_twice(fmt):
+    """GOOD[fmt] as a line whose first key is written twice (first value kept as the second)."""
+    key, value = next(iter(GOOD[fmt].items()))
+    return "{" + f"{json.dumps(key)}: {json.dumps(value)}, " + json.dumps(GOOD[fmt])[1:]
+
+
+def _raises(path, fmt, match, line=3, fn=read_jsonl, **kw):
+    """fn (read_jsonl) raises a one-line DataError that starts with path:line and contains `match`."""
+    with pytest.raises(DataError) as err:
+        fn(path, fmt, **kw)
+    message = str(err.value)
+    assert message.startswith(f"{path}:{line}: ") and match in message, message
+    assert len(message.splitlines()) == 1 and message.isprintable(), message
+    return message
+
+
+@pytest.mark.parametrize("fmt", sorted(GOOD))
+def test_deep_nesting_is_a_data_error_in_every_format(tmp_path, fmt):
+    deep = '{"x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path = write_lines(tmp_path / "deep.jsonl", [GOOD[fmt], "", deep])
+    _raises(path, fmt, "nested at most")
+    # nesting Python can parse but nothing needs is refused with the field it sits in
+    record = {**GOOD[fmt], "meta": functools.reduce(lambda v, _: [v], range(40), 1)}
+    path = write_lines(tmp_path / "deep40.jsonl", [GOOD[fmt], "", record])
+    _raises(path, fmt, "field 'meta" + "[0]" * 32 + "': expected values nested at most 32 deep")
+
+
+@pytest.mark.parametrize("fmt", sorted(GOOD))
+def test_duplicate_keys_are_refused_in_every_format(tmp_path, fmt):
+    path = write_lines(tmp_path / "dup.jsonl", [GOOD[fmt], "", _first_key_twice(fmt)])
+    key = next(iter(GOOD[fmt]))
+    _raises(path, fmt, f"field '{key}': expected each key once per object, got it twice")
+
+
+def test_duplicate_keys_deep_inside_name_their_field(tmp_path):
+    line = '{"prompt": "p", "responses": [{"text": "a", "score": 1}, {"text": "b", "score": 0, "score": 1}]}'
+    _raises(write_lines(tmp_path / "d.jsonl", [GOOD["scored"], "", line]), "scored",
+            "field 'responses[1].score': expected each key once")
+
+
+@pytest.mark.parametrize("line, field", [
+    (r'{"text": "x\ud800"}', "text"),
+    (r'{"text": "x\udfff y"}', "text"),
+    (r'{"text": "ok", "\ud800": 1}', "\\ud800"),
+])
+def test_lone_surrogates_are_refused(tmp_path, line, field):
+    path = write_lines(tmp_path / "s.jsonl", [GOOD["text"], "", line])
+    message = _raises(path, "text", f"field '{field}': expected Unicode text")
+    assert "lone surrogate" in message
+
+
+def test_lone_surrogate_in_messages_and_pairs_still_read(tmp_path, tiny_tokenizer):
+    line = (r'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\ud83d"}]}')
+    _raises(write_lines(tmp_path / "m.jsonl", [GOOD["sft"], "", line]), "sft", "field 'messages[1].content'")
+    pair = r'{"text": "emoji \ud83d\ude00 is a pair"}'  # a proper surrogate pair is one character
+    rec = read_jsonl(write_lines(tmp_path / "p.jsonl", [pair]), "text")[0]
+    assert rec["text"] == "emoji \U0001F600 is a pair" and tokenize_text(rec["text"], tiny_tokenizer, None)["input_ids"]
+
+
+@pytest.mark.parametrize("fmt, line, match", [
+    ("prompt", '{"prompt": "p", "answer": ' + "9" * 5000 + "}",
+     "field 'answer': expected an integer of at most 1000 digits, got an integer of 5000 digits"),
+    ("prompt", '{"prompt": "p", "answer": -' + "9" * 5000 + "}", "field 'answer'"),
+    ("text", '{"text": "t", "id": ' + "1" * 4400 + "}", "field 'id': expected an integer of at most 1000 digits"),
+    ("scored", '{"prompt": "p", "responses": [{"text": "a", "score": ' + "9" * 400 + "}]}",
+     "field 'responses[0].score': expected a finite number, got number 9999"),
+    ("scored", '{"prompt": "p", "responses": [{"text": "a", "score": NaN}]}',
+     "field 'responses[0].score': expected a JSON value (NaN and Infinity are not JSON numbers), got NaN"),
+    ("scored", '{"prompt": "p", "responses": [{"text": "a", "score": -Infinity}]}', "got -Infinity"),
+    ("scored", '{"prompt": "p", "responses": [{"text": "a", "score": 1e999}]}',
+     "expected a finite number, got number Infinity"),
+    ("text", '{"text": "t", "weight": Infinity}', "field 'weight': expected a JSON value"),
+])
+def test_numbers_json_cannot_mean(tmp_path, fmt, line, match):
+    _raises(write_lines(tmp_path / "n.jsonl", [GOOD[fmt], "", line]), fmt, match)
+
+
+@pytest.mark.parametrize("line, match", [
+    ('{"text": "a\x01b"}', "invalid JSON (Invalid control character at column 12): {\"text\": \"a\\x01b\"}"),
+    ('{"text": "a\u2028b"', "invalid JSON"),                 # the snippet stays on one line
+    ('\ufeff{"text": "a"}', "got a byte-order mark (U+FEFF) first"),  # a BOM is allowed on line 1 only
+    ('{"text": "a"} {"text": "b"}', "Extra data"),
+    ('"just a string"', "expected a JSON object, got string"),
+    ("null", "expected a JSON object, got null"),
+    ('{"text": "a", "text": "a"}', "each key once"),
+])
+def test_malformed_lines_give_one_line_errors(tmp_path, line, match):
+    _raises(write_lines(tmp_path / "m.jsonl", [GOOD["text"], "", line]), "text", match)
+
+
+def test_utf16_file_gets_a_hint(tmp_path):
+    path = tmp_path / "u16.jsonl"
+    path.write_bytes(json.dumps(GOOD["text"]).encode("utf-16") + b"\n")
+    with pytest.raises(DataError, match=r"u16\.jsonl:1: expected UTF-8 text.*UTF-16"):
+        read_jsonl(str(path), "text")
+
+
+def test_crlf_and_extra_fields_are_fine(tmp_path):
+    path = tmp_path / "crlf.jsonl"
+    rec = {**GOOD["kto"], "task": "arithmetic", "meta": {"source": ["a", 1, None]}}
+    path.write_bytes(((json.dumps(rec) + "\r\n") * 2).encode())
+    assert read_jsonl(str(path), "kto") == [rec, rec]
+
+
+# ----------------------------------------------------------------------------- files that are not data files
+def test_a_directory_a_fifo_and_an_unreadable_file_are_data_errors(tmp_path, monkeypatch):
+    import data.formats as formats
+
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}: expected a JSONL file, got a directory")):
+        read_jsonl(str(tmp_path), "sft")
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match=r"pipe\.jsonl: expected a regular JSONL file, got a FIFO"):
+        read_jsonl(str(fifo), "sft")  # refused before open(), which would block without a writer
+    path = write_lines(tmp_path / "locked.jsonl", [GOOD["sft"]])
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(formats, "open", denied, raising=False)  # as chmod 000 would, even when run as root
+    with pytest.raises(DataError, match=r"locked\.jsonl: cannot read the data file \(Permission denied\)"):
+        read_jsonl(path, "sft")
+
+
+# ----------------------------------------------------------------------------- groups and required columns (item 9)
+def _group(n, prompt="p"):
+    return {"prompt": prompt, "responses": [{"text": f"t{i}", "score": float(i % 2)} for i in range(n)]}
+
+
+def test_groups_of_another_size_are_refused(tmp_path):
+    path = write_lines(tmp_path / "g.jsonl", [_group(4), _group(4, "q"), _group(3, "r"), _group(4, "s")])
+    _raises(path, "scored", "field 'responses': expected 4 responses like the other groups (first at line 1), got 3")
+    _raises(path, "scored", "expected 3 responses (the run's group size), got 4", line=1, group_size=3)
+    good = write_lines(tmp_path / "g4.jsonl", [_group(4), _group(4, "q")])
+    assert len(read_jsonl(good, "scored", group_size=4)) == 2
+    _raises(good, "scored", "expected 8 responses (the run's group size), got 4", line=1, group_size=8)
+    rlvr = [{"problem": "p", "solution": "s", "responses": [{"text": "t", "correct": True}] * 2},
+            {"problem": "q", "solution": "s", "responses": [{"text": "t", "correct": False}] * 3}]
+    _raises(write_lines(tmp_path / "r.jsonl", rlvr), "rlvr", "expected 2 responses like the other groups", line=2)
+
+
+def test_required_columns(tmp_path):
+    rows = [{"prompt": "p", "answer": "4"}, {"prompt": "q"}]
+    path = write_lines(tmp_path / "p.jsonl", rows)
+    assert read_jsonl(path, "prompt") == rows
+    _raises(path, "prompt", "field 'answer': expected a non-empty string or a number (this run reads it), got nothing",
+            line=2, require=("answer",))
+    # a column the format does not name (a reward's `tests`) must be there and not null
+    code = write_lines(tmp_path / "c.jsonl", [{"prompt": "p", "tests": ["assert f()"]}, {"prompt": "q", "tests": None}])
+    _raises(code, "prompt", "field 'tests': expected a value other than null (this run reads it), got null", line=2,
+            require=("tests",))
+    # RLVR offline groups: responses are optional for the format, required by the offline run
+    rlvr = write_lines(tmp_path / "r.jsonl", [GOOD["rlvr"], {"problem": "p", "solution": "s"}])
+    assert len(read_jsonl(rlvr, "rlvr")) == 2
+    _raises(rlvr, "rlvr", "field 'responses': expected a non-empty array of objects, got nothing", line=2,
+            require=("responses",))
+
+
+# ----------------------------------------------------------------------------- bounded tokenization (item 10)
+class SpyTokenizer:
+    """The tokenizer, recording the length of every text it encodes."""
+
+    def __init__(self, tok):
+        self.tok, self.encoded = tok, []
+
+    def encode(self, text, **kw):
+        self.encoded.append(len(text))
+        return self.tok.encode(text, **kw)
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False):
+        text = self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(text) if tokenize else text
+
+
+TEXTS = ["Answer: 9 " * 300, "a" * 5000, "7" * 3000, " " * 2000 + "x", "héllo wörld ✓ " * 300,
+         "<|im_start|>user\nhi<|im_end|>\n" * 100, "Step 1: 13 - 4 = 9\n" * 200]
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
+def test_bounded_encoding_gives_the_full_tokenization(tiny_tokenizer, text):
+    from data.formats import _encode_head, _encode_tail
+
+    full = tiny_tokenizer.encode(text)
+    for n in (1, 30, 200):
+        assert _encode_head(text, tiny_tokenizer, n) == full[:n]
+        assert _encode_tail(text, tiny_tokenizer, n) == full[-n:]
+
+
+def test_huge_completion_is_tokenized_only_as_far_as_max_length(tiny_tokenizer):
+    spy = SpyTokenizer(tiny_tokenizer)
+    huge = "Answer: 9 " * 1_000_000  # 10 MB, a KTO completion or a mismatched KL pair
+    out = tokenize_pair("What is 2 + 7?", huge, spy, 64)
+    assert len(out["input_ids"]) == 64 and out["truncated"] and sum(out["loss_mask"]) > 0
+    assert max(spy.encoded) < 10_000, "the whole 10 MB text was tokenized"
+    medium = "Answer: 9 " * 300
+    assert tokenize_pair("What is 2 + 7?", medium, tiny_tokenizer, 64) == {
+        **(full := tokenize_pair("What is 2 + 7?", medium, tiny_tokenizer, None)),
+        "input_ids": full["input_ids"][:64], "loss_mask": full["loss_mask"][:64], "truncated": True}
+
+
+def test_long_prompts_are_cut_from_the_left(tiny_tokenizer):
+    from data.formats import encode_prompt
+
+    tok = tiny_tokenizer
+    short = "What is 2 + 3?"
+    assert encode_prompt(short, tok, 64) == (tokenize_prompt(short, tok), False)
+    assert tokenize_prompt(short, tok, None) == tokenize_prompt(short, tok)
+    long = "Some context. " * 2000 + "What is 2 + 3?"
+    spy = SpyTokenizer(tok)
+    ids, cut = encode_prompt(long, spy, 48)
+    assert cut and len(ids) == 48 and max(spy.encoded) < 5_000
+    assert tokenize_prompt(long, tok, 48) == ids
+    text = tok.decode(ids, skip_special_tokens=False)
+    assert text.startswith("<|im_start|>user\n") and text.endswith("What is 2 + 3?<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="max_length 3 leaves no room for a prompt"):
+        encode_prompt(long, tok, 3)
+
+
+def test_read_prompts_counts_or_refuses_long_prompts(tiny_tokenizer, tmp_path, capsys):
+    from data.formats import read_prompts
+
+    rows = [{"prompt": "What is 2 + 3?", "answer": 5}, {"prompt": "context " * 500 + "What is 1 + 1?", "answer": 2},
+            {"prompt": "What is 4 - 1?", "answer": 3}]
+    path = write_lines(tmp_path / "p.jsonl", rows)
+    records, stats = read_prompts(path, "prompt", tiny_tokenizer, 64, require=("answer",))
+    assert records == rows and stats == {"n": 3, "truncated": 1}
+    assert f"warning: {path}: 1 of 3 prompts are longer than 64 tokens (first at line 2)" in capsys.readouterr().out
+    _raises(path, "prompt", "field 'prompt': expected a prompt of at most 64 tokens", line=2, fn=read_prompts,
+            tok=tiny_tokenizer, max_length=64, overlong="error")
+    assert read_prompts(path, "prompt", tiny_tokenizer, None)[1] == {"n": 3, "truncated": 0}
+    rlvr = write_lines(tmp_path / "r.jsonl", [{"problem": "word " * 300, "solution": "s"}])
+    assert read_prompts(rlvr, "rlvr", tiny_tokenizer, 32, field="problem")[1]["truncated"] == 1
+
+
 # ----------------------------------------------------------------------------- tokenization
 def _runs(ids, mask):
     """Maximal runs of trained tokens as lists of ids."""

@@ -122,14 +122,14 @@ def test_kto_label_balance(tmp_path, tok):
 def test_scored_groups_reward_spread(tmp_path):
     rows = [{"prompt": "a", "responses": [{"text": "x", "score": 1.0}, {"text": "y", "score": 0.0}]},
             {"prompt": "b", "responses": [{"text": "x", "score": 0.5}, {"text": "y", "score": 0.5}]},
-            {"prompt": "c", "responses": [{"text": t, "score": 0.0} for t in "xyz"]},
+            {"prompt": "c", "responses": [{"text": t, "score": 0.0} for t in "xy"]},
             {"prompt": "d", "responses": [{"text": "x", "score": "high"}]}]
     report = validate_file(write_lines(tmp_path / "scored.jsonl", rows), "scored", None)
     assert [e["line"] for e in report["errors"]] == [4]
     assert "responses[0].score" in report["errors"][0]["message"]
     g = report["stats"]["groups"]
     assert (g["n"], g["tied_groups"], g["tied_lines"]) == (3, 2, [2, 3])
-    assert g["tied_share"] == round(2 / 3, 4) and g["size"]["min"] == 2 and g["size"]["max"] == 3
+    assert g["tied_share"] == round(2 / 3, 4) and g["size"]["min"] == g["size"]["max"] == 2
     rlvr = [{"problem": "p", "solution": "s", "responses": [{"text": t, "correct": True} for t in "tu"]},
             {"problem": "q", "solution": "s"}]
     g = validate_file(write_lines(tmp_path / "rlvr.jsonl", rlvr), "rlvr", None)["stats"]["groups"]
@@ -160,3 +160,109 @@ def test_invalid_utf8_is_an_error_with_its_line(tmp_path):
     path.write_bytes(b'{"text": "fine"}\n{"text": "\xff\xfe"}\n')
     report = validate_file(str(path), "text", None)
     assert [(e["line"], e["kind"]) for e in report["errors"]] == [(2, "encoding")]
+
+
+# ----------------------------------------------------------------------------- one pass over every kind of bad line
+def write_raw(path, lines):
+    """Raw text lines, written as given (for what json.dumps would never write)."""
+    path.write_bytes(b"".join((l if isinstance(l, bytes) else l.encode("utf-8", "surrogatepass")) + b"\n"
+                              for l in lines))
+    return str(path)
+
+
+def _group(n, prompt):
+    return json.dumps({"prompt": prompt, "responses": [{"text": f"t{i}", "score": i % 2} for i in range(n)]})
+
+
+BAD_SCORED = [
+    _group(4, "a"),                                                                 # 1 fine
+    '{"prompt": "b", "responses": ' + "[" * 100_000 + "]" * 100_000 + "}",          # 2 RecursionError before
+    r'{"prompt": "c\ud800", "responses": [{"text": "x", "score": 1}]}',             # 3 lone surrogate
+    '{"prompt": "d", "responses": [{"text": "x", "score": ' + "9" * 5000 + "}]}",   # 4 5000-digit integer
+    '{"prompt": "e", "prompt": "e2", "responses": [{"text": "x", "score": 1}]}',     # 5 duplicate key
+    '{"prompt": "f", "responses": [{"text": "x", "score": NaN}]}',                  # 6 NaN literal
+    _group(3, "g"),                                                                 # 7 another group size
+    b'{"prompt": "h\xff"}',                                                         # 8 invalid UTF-8
+    _group(4, "i"),                                                                 # 9 fine
+    '{"prompt": "j", "responses": [{"text": "x", "score": "1"}, {"text": "y", "score": true}]}',  # 10 strings/bools
+]
+
+
+def test_every_bad_line_is_reported_in_one_pass(tmp_path, tok):
+    path = write_raw(tmp_path / "bad.jsonl", BAD_SCORED)
+    report = validate_file(path, "scored", tok, max_length=64)
+    errors = {e["line"]: e for e in report["errors"]}
+    assert sorted(errors) == [2, 3, 4, 5, 6, 7, 8, 10]
+    assert {ln: e["kind"] for ln, e in errors.items()} == {2: "json", 3: "schema", 4: "schema", 5: "schema",
+                                                          6: "schema", 7: "group_size", 8: "encoding", 10: "schema"}
+    assert "nested at most" in errors[2]["message"]
+    assert "field 'prompt': expected Unicode text" in errors[3]["message"]
+    assert "field 'responses[0].score': expected an integer of at most 1000 digits" in errors[4]["message"]
+    assert "field 'prompt': expected each key once" in errors[5]["message"]
+    assert "got NaN" in errors[6]["message"]
+    assert "expected 4 responses like the other groups (first at line 1), got 3" in errors[7]["message"]
+    for ln, e in errors.items():
+        assert e["message"].startswith(f"{path}:{ln}: ") and e["message"].isprintable(), e
+    assert (report["stats"]["records"], report["stats"]["invalid"]) == (2, 8)
+    text = format_report(report, max_shown=0)
+    assert text.splitlines()[-1] == f"FAILED: 8 invalid lines (2 good records of 10 lines, 0 warnings): {path}"
+    assert all(line.isprintable() for line in text.splitlines())
+
+
+def test_cli_reports_every_bad_line_and_ends_with_the_verdict(tmp_path, capsys):
+    from data.validate import main
+
+    path = write_raw(tmp_path / "bad.jsonl", BAD_SCORED)
+    out = subprocess.run([sys.executable, "-m", "data.validate", path, "--format", "scored", "--max-length", "64"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    for line in (2, 3, 4, 5, 6, 7, 8, 10):
+        assert f"{path}:{line}:" in out.stdout
+    assert out.stdout.splitlines()[-1].startswith("FAILED: 8 invalid lines")
+    assert main([path, "--format", "scored", "--model", "none", "--json"]) == 1
+    stdout, stderr = capsys.readouterr()
+    assert len(json.loads(stdout)["errors"]) == 8  # stdout stays pure JSON, the verdict goes to stderr
+    assert stderr.splitlines()[-1].startswith("FAILED: 8 invalid lines")
+
+
+def test_cli_file_errors_and_required_columns(tmp_path, capsys):
+    from data.validate import main
+
+    rc = main([str(tmp_path), "--format", "sft", "--model", "none"])
+    assert rc == 1 and "expected a JSONL file, got a directory" in capsys.readouterr().err
+    prompts = write_lines(tmp_path / "p.jsonl", [{"prompt": "a", "answer": 1}, {"prompt": "b"}])
+    assert main([prompts, "--format", "grpo", "--model", "none"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"OK: 2 good records of 2 lines, 0 warnings: {prompts}"
+    assert main([prompts, "--format", "grpo", "--model", "none", "--require", "answer"]) == 1
+    assert f"{prompts}:2: field 'answer'" in capsys.readouterr().out
+    groups = write_lines(tmp_path / "g.jsonl", [json.loads(_group(4, "a")), json.loads(_group(4, "b"))])
+    assert main([groups, "--format", "scored", "--model", "none", "--group-size", "4"]) == 0
+    assert main([groups, "--format", "scored", "--model", "none", "--group-size", "8"]) == 1
+    assert "expected 8 responses (the run's group size), got 4" in capsys.readouterr().out
+
+
+def test_a_check_that_breaks_costs_only_its_line(tmp_path, monkeypatch):
+    import data.validate as validate_module
+
+    real = validate_module.validate
+
+    def flaky(obj, fmt, where, require=()):
+        if obj.get("prompt") == "boom":
+            raise KeyError("a bug in a check")
+        return real(obj, fmt, where, require)
+
+    monkeypatch.setattr(validate_module, "validate", flaky)
+    path = write_lines(tmp_path / "d.jsonl", [GOOD, {**GOOD, "prompt": "boom"}, {"prompt": "p"}])
+    report = validate_file(path, "dpo", None)
+    assert [(e["line"], e["kind"]) for e in report["errors"]] == [(2, "internal"), (3, "schema")]
+    assert "could not check this line (KeyError" in report["errors"][0]["message"]
+
+
+def test_huge_lines_are_measured_up_to_a_cap(tmp_path, tok):
+    huge = {"prompt": "What is 2 + 3?", "chosen": "Answer: 5 " * 1_000_000, "rejected": "Answer: 6"}  # 10 MB
+    report = validate_file(write_lines(tmp_path / "huge.jsonl", [GOOD, huge]), "dpo", tok, max_length=64)
+    assert report["errors"] == [] and report["stats"]["tokens"]["counted_up_to"] == 1024
+    overlong = [w for w in report["warnings"] if w["kind"] == "overlong"]
+    assert [w["line"] for w in overlong] == [2] and "is more than 1024 tokens" in overlong[0]["message"]
+    assert report["stats"]["tokens"]["length"]["max"] == 1024 and report["stats"]["tokens"]["longer_than_counted"] == 1
+    assert "(counted up to 1024: 1 records are longer)" in format_report(report)
