@@ -337,7 +337,7 @@ def run_evaluation(targets: list[str], data=None, out=None, base="auto", max_exa
                    max_new_tokens: int = 32, samples: int = 5, curves_wanted: bool = True, device="auto",
                    kl_examples: int = 32, log=print) -> dict:
     """Evaluate every target and write the six files into `out`; returns the stats dictionary."""
-    from model.load import auto_device
+    from model.load import resolve_device
 
     # 1. check every input before any model is loaded: never half a result
     ts = [Target(p, curves_wanted) for p in targets]
@@ -366,7 +366,10 @@ def run_evaluation(targets: list[str], data=None, out=None, base="auto", max_exa
             out = os.path.join(os.getcwd(), "eval_" + "_vs_".join(t.label.replace("/", "_") for t in ts))
     curve_data = {t.label: curves(t) for t in ts if t.is_run and curves_wanted}
     os.makedirs(out, exist_ok=True)
-    dev = auto_device() if device == "auto" else torch.device(device)
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
 
     # 2. the base (reference for KL and the implicit preference reward), then each model in turn
     stats_models, details, metrics_by = {}, {}, {}

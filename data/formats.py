@@ -28,6 +28,7 @@ import json
 import math
 import os
 import stat
+import sys
 from collections import Counter
 
 import torch
@@ -414,6 +415,12 @@ def read_jsonl(path: str, fmt: str, require=(), group_size: int | None = None) -
 
 
 # ----------------------------------------------------------------------------- tokenization
+def warn(message: str) -> None:
+    """A one-line data warning, printed once: by rank 0 under torchrun (every rank reads the same file)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 MARGIN = 16  # tokens next to a cut in the text that are re-tokenized from more text before they are kept
 
 
@@ -558,8 +565,8 @@ def read_prompts(path: str, fmt: str, tok, max_length: int | None, field: str = 
         raise DataError(f"{shown}:{over[0]}: field '{field}': expected a prompt of at most {max_length} tokens "
                         f"(chat template included), got more ({len(over)} of {len(records)} prompts are longer)")
     if over:
-        print(f"warning: {shown}: {len(over)} of {len(records)} prompts are longer than {max_length} tokens "
-              f"(first at line {over[0]}): their start is cut, the end kept")
+        warn(f"{shown}: {len(over)} of {len(records)} prompts are longer than {max_length} tokens "
+             f"(first at line {over[0]}): their start is cut, the end kept")
     return records, {"n": len(records), "truncated": len(over)}
 
 
@@ -588,7 +595,7 @@ def load_dataset(path: str, fmt: str, tok, max_length: int | None) -> tuple[list
     dropped = len(tokenized) - len(examples)
     if n_trunc:
         extra = f" ({dropped} dropped: no completion token left)" if dropped else ""
-        print(f"warning: {path}: truncated {n_trunc} of {len(tokenized)} examples to max_length={max_length}{extra}")
+        warn(f"{path}: truncated {n_trunc} of {len(tokenized)} examples to max_length={max_length}{extra}")
     return examples, {"n": len(examples), "truncated": n_trunc, "dropped": dropped}
 
 

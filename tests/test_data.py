@@ -383,7 +383,7 @@ def test_read_prompts_counts_or_refuses_long_prompts(tiny_tokenizer, tmp_path, c
     path = write_lines(tmp_path / "p.jsonl", rows)
     records, stats = read_prompts(path, "prompt", tiny_tokenizer, 64, require=("answer",))
     assert records == rows and stats == {"n": 3, "truncated": 1}
-    assert f"warning: {path}: 1 of 3 prompts are longer than 64 tokens (first at line 2)" in capsys.readouterr().out
+    assert f"warning: {path}: 1 of 3 prompts are longer than 64 tokens (first at line 2)" in capsys.readouterr().err
     _raises(path, "prompt", "field 'prompt': expected a prompt of at most 64 tokens", line=2, fn=read_prompts,
             tok=tiny_tokenizer, max_length=64, overlong="error")
     assert read_prompts(path, "prompt", tiny_tokenizer, None)[1] == {"n": 3, "truncated": 0}
@@ -457,7 +457,7 @@ def test_load_dataset_counts_and_reports_truncation(tiny_tokenizer, tmp_path, ca
     examples, stats = load_dataset(path, "sft", tok, max_length=40)
     assert stats == {"n": 3, "truncated": 3, "dropped": 1}
     assert all(len(e["input_ids"]) <= 40 and any(e["loss_mask"]) for e in examples)
-    assert "truncated 3 of 4 examples to max_length=40 (1 dropped" in capsys.readouterr().out
+    assert "truncated 3 of 4 examples to max_length=40 (1 dropped" in capsys.readouterr().err
     examples, stats = load_dataset(path, "sft", tok, max_length=None)
     assert stats == {"n": 4, "truncated": 0, "dropped": 0} and capsys.readouterr().out == ""
     with pytest.raises(ValueError, match="load_dataset tokenizes formats"):

@@ -184,3 +184,35 @@ def test_dr_grpo_divides_by_the_configured_max_length_not_the_batch_width(tiny):
     torch.testing.assert_close(loss.detach(), want, atol=1e-6, rtol=1e-5)
     plain = {k: v for k, v in capped.items() if k != "max_completion_length"}
     assert capped["mask"].shape[1] < 40 and abs(grpo_loss(**plain, loss_type="dr_grpo")[0].item() - loss.item()) > 1e-4
+
+
+def test_a_prompt_without_the_column_its_reward_reads_is_an_error_naming_its_line(tiny, tmp_path):
+    """math_answer reads `answer`: a row without one used to score 0 in silence (or crash at step 0)."""
+    model, tok = tiny
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "What is 1 + 1?", "answer": "2"}\n{"prompt": "What is 2 + 2?"}\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: field 'answer'"):
+        make_feed(["method=grpo", f"data.train={path}"], tok)
+
+
+def test_offline_groups_of_the_wrong_size_are_refused_before_training(tiny, tmp_path):
+    model, tok = tiny
+    path = tmp_path / "groups.jsonl"
+    group = lambda n: '{"prompt": "What is 1 + 1?", "responses": [%s]}' % ", ".join(['{"text": "2", "score": 1}'] * n)
+    path.write_text(group(4) + "\n" + group(3) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:2"):
+        make_feed(["method=grpo_offline", f"data.train={path}"], tok)
+    path.write_text(group(3) + "\n" + group(3) + "\n")  # equal sizes, but not num_generations=4
+    with pytest.raises(ValueError, match=rf"{path}:1"):
+        make_feed(["method=grpo_offline", f"data.train={path}"], tok)
+
+
+def test_long_prompts_are_cut_to_max_length_and_reported(tiny, tmp_path, capsys):
+    model, tok = tiny
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "What is 1 + 1?", "answer": "2"}\n'
+                    f'{{"prompt": "{"very " * 2000}long: what is 2 + 2?", "answer": "4"}}\n')
+    f = make_feed(["method=grpo", f"data.train={path}", "data.max_length=48"], tok)
+    assert "1 of 2 prompts are longer than 48 tokens" in capsys.readouterr().err
+    assert max(len(p) for p in f.prompt_ids) <= 48
+    assert "long: what is 2 + 2?" in tok.decode(f.prompt_ids[1])  # the start was cut, the question kept

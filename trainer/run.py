@@ -32,27 +32,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto`, `cpu`, `cuda`, `cuda:N`, `mps` -> a device this machine has (a clear error otherwise)."""
-    from model.load import auto_device
-
-    if name == "auto":
-        return auto_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device={name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name}: this machine has no CUDA device (use device=cpu or device=auto)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device={name}: there are {torch.cuda.device_count()} CUDA devices")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device={name}: MPS is not available here")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device={name}: expected auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
 def check_writable(run_dir: str, need_bytes: int = 0) -> None:
     """Fail before training, not after it, when the run directory cannot hold the results."""
     probe = os.path.join(run_dir, f".write-test-{os.getpid()}")  # one per process (torchrun ranks share run_dir)
@@ -96,7 +75,7 @@ def write_json(path: str, obj) -> None:
 
 def setup(cfg, run_dir: str):
     """Device, dtype and the model with its adapters: the part every program shares."""
-    from model.load import resolve_dtype
+    from model.load import resolve_device, resolve_dtype
 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)

@@ -69,9 +69,10 @@ class PairsFeed(DatasetFeed):
         from rollout.sampler import SamplingConfig
 
         o = self.m.on_policy
-        rows = read_jsonl(repo_path(o.prompts), "prompt")
+        reward = get_rewards([o.reward])[0]
+        rows = read_jsonl(repo_path(o.prompts), "prompt", require=reward.columns)
         sampling = SamplingConfig(max_new_tokens=o.max_new_tokens, temperature=o.temperature)
-        pairs, stats = sample_pairs(model, self.tok, rows, get_rewards([o.reward])[0], samples=o.samples,
+        pairs, stats = sample_pairs(model, self.tok, rows, reward, samples=o.samples,
                                     sampling=sampling, seed=self.cfg.seed, pairs_per_prompt=o.pairs_per_prompt,
                                     progress=self.cfg.progress and distributed.is_main())
         keep = set(o.keep_tasks)

@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 
-from data.formats import read_jsonl, tokenize_prompt
+from data.formats import read_jsonl, read_prompts, tokenize_prompt
 from losses.common import masked_mean
 from losses.grpo import dynamic_sampling_keep, group_advantages, overlong_penalty
 from rollout.episode import Episode, stack
@@ -139,28 +139,21 @@ class PromptFeed(Feed):
         self.normaliser = loss_normaliser(self.loss_fn, self.m.loss_args)
 
     def load(self, model, run_dir: str) -> None:
-        """The prompt file, validated; every prompt tokenized once (too long for data.max_length: an error)."""
-        m = self.m
+        """The prompt file, validated (every row has the columns the rewards read; offline groups
+        have num_generations responses each); every prompt tokenized once, cut from the left to
+        data.max_length tokens (counted and reported on one line)."""
+        m, n = self.m, self.cfg.data.max_length
         path = repo_path(self.cfg.data.train or m.train_file or self.cfg.data.files.get(m.data_format))
         if path is None:
             raise ConfigError(f"no training file: set data.train=FILE (format {m.data_format!r})")
-        rows = read_jsonl(path, m.data_format)
+        rows = read_prompts(path, m.data_format, self.tok, n, field=m.prompt_field, group_size=m.num_generations)[0]
+        self.offline = "responses" in rows[0]
+        need = sorted({c for fn in self.reward_fns for c in getattr(fn, "columns", ())})
+        if not self.offline and any(r.get(c) is None for r in rows for c in need):
+            read_jsonl(path, m.data_format, require=need)  # the error names the first line without one
         if m.prompt_field != "prompt":  # e.g. RLVR's `problem`: the reward functions see it as the prompt
             rows = [{**{k: v for k, v in r.items() if k != m.prompt_field}, "prompt": r[m.prompt_field]} for r in rows]
-        self.offline = "responses" in rows[0]
-        if not self.offline:
-            for fn in self.reward_fns:
-                for col in getattr(fn, "columns", ()):
-                    missing = next((i for i, r in enumerate(rows) if r.get(col) is None), None)
-                    if missing is not None:
-                        raise ConfigError(f"{path}: record {missing + 1}: reward {fn.reward_name!r} needs the "
-                                          f"column {col!r}, which this record does not have")
-        self.prompt_ids = [tokenize_prompt(r["prompt"], self.tok) for r in rows]
-        too_long = [i for i, p in enumerate(self.prompt_ids) if len(p) > self.cfg.data.max_length]
-        if too_long:
-            raise ConfigError(f"{path}: {len(too_long)} of {len(rows)} prompts are longer than data.max_length="
-                              f"{self.cfg.data.max_length} tokens (record {too_long[0] + 1}: "
-                              f"{len(self.prompt_ids[too_long[0]])} tokens); shorten them or raise data.max_length")
+        self.prompt_ids = [tokenize_prompt(r["prompt"], self.tok, n) for r in rows]
         self.rows = rows
 
     def draw(self, n: int) -> list[int]:
