@@ -58,5 +58,25 @@ def main(raw) -> dict:
         distributed.close()
 
 
+def check_run_dir(argv: list[str]) -> None:
+    """Hydra creates the run directory before main() runs and answers a read-only or impossible path
+    with a traceback: try it first and say it in one line."""
+    import os
+
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    path = given[-1] if given else "runs"
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        print(f"error: {path}: cannot create or write the run directory ({e.strerror}); choose another with "
+              "hydra.run.dir=DIR", file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
+    check_run_dir(sys.argv[1:])
     main()
