@@ -94,3 +94,6 @@ def cispo_loss(logps, old_logps, advantages, mask, epsilon_low: float | None = N
             "weight_mean": masked_mean(weight, mask),
         }
     return loss, metrics
+
+
+cispo_loss.normaliser = "batch"  # divided by num_items_in_batch: the whole batch's completion tokens (trainer/feeds)

@@ -203,3 +203,7 @@ def gkd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, mas
         kl = torch.cat(kls).mean(0)
         metrics = {"loss": loss.detach(), "jsd": div.mean(), "reverse_kl": kl[0], "forward_kl": kl[1]}
     return loss, metrics
+
+
+opd_loss.normaliser = "batch"  # divided by num_items_in_batch: the whole batch's completion tokens (trainer/feeds)
+gkd_loss.normaliser = "batch"  # divided by num_items_in_batch: the whole batch's completion tokens (trainer/feeds)

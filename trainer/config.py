@@ -297,11 +297,16 @@ class RunConfig:
     eval_after: bool = opt(True, "evaluate the trained model (eval.json 'after')")
     eval_max_examples: int = opt(200, "examples per held-out set", min=1)
     log_every: int = opt(1, "steps between metrics.jsonl lines", min=1)
+    eval_every: int = opt(0, "steps between held-out evaluations logged as eval/NAME in metrics.jsonl (0: off)", min=0)
     progress: bool = opt(True, "tqdm progress bar")
     checkpoint_every: int = opt(0, "steps between crash-safe checkpoints (0: final model only)", min=0)
     keep_checkpoints: int = opt(2, "newest step checkpoints kept (0: all)", min=0)
     resume: bool | str = opt(False, "true: newest checkpoint of hydra.run.dir; DIR: of that run or checkpoint")
     skip_budget: int = opt(5, "non-finite steps skipped and reported before the run stops", min=0)
+
+
+GROUPS = {"method": None, "model": ModelOptions, "data": DataOptions, "lora": LoraOptions,
+          "pipeline": PipelineOptions}  # the config groups (the method group's bases are per kind, below)
 
 
 # ============================================================================ method kinds
@@ -334,6 +339,11 @@ def register_hydra() -> None:
 
     _load_kinds()
     cs = ConfigStore.instance()
+    top = {k: v for k, v in defaults(RunConfig).items() if k not in GROUPS}
+    cs.store(name="_run", node=top)  # configs/config.yaml starts from it
+    for group, cls in GROUPS.items():  # configs/<group>/*.yaml start from `_<group>`
+        if cls is not None:
+            cs.store(group=group, name=f"_{group}", node=defaults(cls))
     for kind, cls in OPTIONS.items():
         node = OmegaConf.create({**defaults(cls), "kind": kind})
         for open_key in OPEN_KEYS:  # any key may be added on the command line; parse() checks them

@@ -105,6 +105,16 @@ def all_true(flag: bool) -> bool:
     return t.item() == 0
 
 
+def gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's 1-D tensor concatenated in rank order, and where this rank's part starts (for
+    statistics over the whole batch, e.g. batch-normalised advantages; sizes may differ by rank)."""
+    if world_size() == 1:
+        return x, 0
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, x.detach().cpu())
+    return torch.cat(parts).to(x.device), sum(len(p) for p in parts[:rank()])
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

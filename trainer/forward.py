@@ -82,13 +82,13 @@ def completion_logprobs(model, prompt_lens: list[int], seqs: list[list[int]], wi
     return token_logprobs(h, model.lm_head_weight, labels, temperature, with_entropy=with_entropy)
 
 
-def shared_prompt_logprobs(model, prompt_lens: list[int], seqs: list[list[int]], width: int, pad_id: int,
-                           temperature: float = 1.0, with_entropy: bool = False):
-    """`completion_logprobs` with each prompt run once for all its samples (same values, with gradient).
+def completion_states(model, prompt_lens: list[int], seqs: list[list[int]], width: int, pad_id: int):
+    """Final hidden states (N, width, H) that predict each completion token, and the completion ids
+    (N, width), with each prompt run once for all its samples.
 
     Consecutive rows with the same prompt form a group: the group's prompt is prefilled once
     (left-padded, into a KV cache that keeps the autograd graph), the cache rows are repeated for the
-    group's samples, and the completions run on top of it. The prompt's last hidden state scores
+    group's samples, and the completions run on top of it. The prompt's last hidden state predicts
     completion token 0; the prompt's activations get the gradient of every sample of its group. Not
     with gradient checkpointing (recomputing a block would write the cache a second time).
     """
@@ -116,7 +116,13 @@ def shared_prompt_logprobs(model, prompt_lens: list[int], seqs: list[list[int]],
         cmask[i, :len(c)] = 1
     hidden = model(comp[:, :-1], attention_mask=cmask[:, :-1], cache=cache.index_select(rows), cache_pos=P,
                    hidden_only=True) if width > 1 else last.new_zeros(len(seqs), 0, last.shape[-1])
-    h = torch.cat([last[rows][:, None], hidden], 1)  # position j predicts completion token j
+    return torch.cat([last[rows][:, None], hidden], 1), comp  # position j predicts completion token j
+
+
+def shared_prompt_logprobs(model, prompt_lens: list[int], seqs: list[list[int]], width: int, pad_id: int,
+                           temperature: float = 1.0, with_entropy: bool = False):
+    """`completion_logprobs` with each prompt run once for all its samples (same values, with gradient)."""
+    h, comp = completion_states(model, prompt_lens, seqs, width, pad_id)
     return token_logprobs(h, model.lm_head_weight, comp, temperature, with_entropy=with_entropy)
 
 

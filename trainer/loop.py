@@ -91,8 +91,12 @@ def oom_message(step: int, i: int, shape: str, hints: list[str], cfg) -> str:
             + "; ".join(k for k in knobs if k))
 
 
-def train_loop(model, ref, feed, cfg, run_dir: str, device, resume: str | None = None, before=None) -> int:
-    """Run the optimiser steps of `feed`; returns how many there were."""
+def train_loop(model, ref, feed, cfg, run_dir: str, device, resume: str | None = None, before=None,
+               evaluate=None) -> int:
+    """Run the optimiser steps of `feed`; returns how many there were.
+
+    `evaluate(model) -> metrics`, with `eval_every=N`, is run every N steps and logged as `eval/NAME`
+    (training curves of held-out metrics; `elapsed_s` on every line is training time without it)."""
     m = cfg.method
     total = feed.total_steps
     opt, params, lr = make_optimizer(model, cfg, device)
@@ -112,6 +116,7 @@ def train_loop(model, ref, feed, cfg, run_dir: str, device, resume: str | None =
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and world == 1 \
         else contextlib.nullcontext()
     model.train()
+    elapsed = 0.0
     bar = tqdm(range(start, total), desc=m.name, disable=not (cfg.progress and distributed.is_main()),
                initial=start, total=total, dynamic_ncols=True)
     for step in bar:
@@ -145,6 +150,7 @@ def train_loop(model, ref, feed, cfg, run_dir: str, device, resume: str | None =
             opt.zero_grad(set_to_none=True)
             train_s = time.perf_counter() - t0
             tps = distributed.total(ntok) / train_s
+            elapsed += train_s + sums.get("rollout_s", 0.0)
             bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:,.0f}",
                             **{k: f"{sums[k]:.3f}" for k in feed.progress_metrics if k in sums})
             if step % cfg.log_every == 0 or step == total - 1:
@@ -152,7 +158,7 @@ def train_loop(model, ref, feed, cfg, run_dir: str, device, resume: str | None =
                     sums = {name: distributed.mean(v) for name, v in sums.items()}
                 if log:
                     log.write(step=step, loss=loss_sum, lr=opt.param_groups[0]["lr"], grad_norm=grad_norm,
-                              tokens_per_s=tps, tokens=ntok, train_s=train_s, **sums)
+                              tokens_per_s=tps, tokens=ntok, train_s=train_s, elapsed_s=elapsed, **sums)
         else:  # the step never reaches the weights
             opt.zero_grad(set_to_none=True)
             skipped += 1
@@ -167,6 +173,11 @@ def train_loop(model, ref, feed, cfg, run_dir: str, device, resume: str | None =
             if skipped > cfg.skip_budget:
                 raise FloatingPointError(f"{report}: skip budget exhausted. Lower method.lr, check the data "
                                          "at those examples, or raise skip_budget")
+        if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
+            held_out = evaluate(model)
+            model.train()
+            if log:
+                log.write(step=step, elapsed_s=elapsed, **{f"eval/{k}": v for k, v in held_out.items()})
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
             state = {"step": step + 1, "total": total, "skipped": skipped, "feed": feed.state_dict(),
                      "rng": checkpoint.rng_state(), "before": before}

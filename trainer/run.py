@@ -120,7 +120,8 @@ def train(cfg, run_dir: str) -> dict:
     elif cfg.eval_before:
         results["before"] = evaluator(model)
         distributed.log(f"[posttrain] before: {results['before']}")
-    steps = train_loop(model, ref, feed, cfg, run_dir, device, resume=resume, before=results.get("before"))
+    steps = train_loop(model, ref, feed, cfg, run_dir, device, resume=resume, before=results.get("before"),
+                       evaluate=evaluator)
     if cfg.eval_after:
         results["after"] = evaluator(model)
         if cfg.method.gates:

@@ -21,6 +21,7 @@ Built-in kinds (one file each):
     unpaired      prompt + completion + label (KTO)                     feeds/unpaired.py
     rollouts      prompts sampled on-line, group advantages (GRPO ...)  feeds/rollouts.py
     nash_md       policy samples against mixture samples (Nash-MD)      feeds/nash_md.py
+    distill       student samples scored by a frozen teacher (OPD, GKD) feeds/distill.py
 A new kind is one file here: an options dataclass registered with `@register_options(KIND)` and
 a Feed subclass registered with `@register_feed(KIND)`.
 """
@@ -191,5 +192,5 @@ class DatasetFeed(Feed):
         self.order, self.cursor = list(state["order"]), state["cursor"]
 
 
-for _name in ("tokens", "pairs", "reward_pairs", "unpaired", "rollouts", "nash_md"):
+for _name in ("tokens", "pairs", "reward_pairs", "unpaired", "rollouts", "nash_md", "distill"):
     importlib.import_module(f"trainer.feeds.{_name}")

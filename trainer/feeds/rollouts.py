@@ -10,7 +10,9 @@ One generation batch, top to bottom (`collect`):
   3. rewards: the registered functions (rollout/rewards.py, tasks/) summed with `reward_weights`,
      plus DAPO's soft overlong penalty; dynamic sampling drops groups whose rewards all tie and
      draws more prompts, up to `max_resample` extra rounds;
-  4. advantages: group-relative (losses/grpo.py `group_advantages`);
+  4. advantages: `method.advantage` from the registry in losses/advantages.py: grpo (group-relative,
+     the default), rloo (leave-one-out), reinforce_plus_plus(_baseline) (batch-normalised, over every
+     rank's rewards); `reward_kl` first folds β·KL(π_old‖π_ref) of each sample into its reward (RLOO);
   5. episodes: one typed row per completion (rollout/episode.py).
 The batch is reused for `num_iterations` optimiser steps (GRPO's μ): the first is exactly on-policy
 (ratio 1), later ones are clipped against the kept old log-probs. Each micro-batch's loss inputs are
@@ -25,15 +27,17 @@ FSDP averages gradients over them.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from data.formats import read_jsonl, read_prompts, tokenize_prompt
 from losses.common import masked_mean
-from losses.grpo import dynamic_sampling_keep, group_advantages, overlong_penalty
+from losses.advantages import get_advantage, kl_in_reward
+from losses.grpo import dynamic_sampling_keep, overlong_penalty
 from rollout.episode import Episode, stack
 from rollout.sampler import Rollout, SamplingConfig, generate
 from trainer import distributed
@@ -77,7 +81,13 @@ class RolloutMethod(SampledMethod):
     top_p: float = opt(1.0, "sampling: nucleus mass (1: off)", min=0, max=1, min_exclusive=True)
     min_p: float = opt(0.0, "sampling: drop tokens below min_p x the top probability (0: off)", min=0, max=1)
     num_iterations: int = opt(1, "μ: optimiser steps per generation batch (old log-probs kept)", min=1)
-    scale_rewards: Literal["group", "batch", "none"] = opt("group", "advantage std: per group, over the batch, none")
+    advantage: str = opt("grpo", "advantage estimator (losses/advantages.py): grpo, rloo, reinforce_plus_plus, "
+                                 "reinforce_plus_plus_baseline")
+    advantage_args: dict[str, Any] = opt({}, "keyword arguments of the estimator (e.g. rloo: {normalize: true})")
+    scale_rewards: Literal["group", "batch", "none"] = opt("group", "grpo estimator: advantage std per group, over the "
+                                                                    "batch, or none")
+    reward_kl: float = opt(0.0, "β of a KL penalty folded into each completion's reward (RLOO as TRL does it; "
+                                "needs reference: true)", min=0)
     mask_truncated_completions: bool = opt(False, "completions that hit max_new_tokens are not trained on")
     dynamic_sampling: bool = opt(False, "DAPO: drop groups whose rewards all tie, draw more prompts")
     max_resample: int = opt(0, "extra sampling rounds per step at most (dynamic sampling)", min=0)
@@ -86,6 +96,14 @@ class RolloutMethod(SampledMethod):
 
     def check(self, where: str) -> None:
         super().check(where)
+        if self.reward_kl > 0 and not self.reference:
+            raise ConfigError(f"{where}.reward_kl: a KL penalty in the reward needs the reference (method.reference=true)")
+        from losses.advantages import get_advantage
+
+        try:
+            get_advantage(self.advantage)
+        except ValueError as e:
+            raise ConfigError(f"{where}.advantage: {e}") from None
         if self.overlong_cache > self.max_new_tokens:
             raise ConfigError(f"{where}.overlong_cache: {self.overlong_cache} is more than max_new_tokens "
                               f"{self.max_new_tokens}")
@@ -271,8 +289,10 @@ class RolloutFeed(PromptFeed):
         if not kept:  # every group tied even after resampling: train on nothing rather than crash
             return [], {**metrics, "rollout_s": time.perf_counter() - t0}
         rewards = torch.cat([g[5] for g in kept])
-        adv = group_advantages(rewards, G, m.scale_rewards)
         width = max(g[1].shape[1] for g in kept)
+        if m.reward_kl > 0:  # r - β Σ_t (log π_old - log π_ref) on the sampled tokens, before any estimator
+            rewards = self.reward_with_kl(rewards, kept, width)
+        adv = self.advantages(rewards)
         episodes = []
         for gi, (prompt, comp, old, mask, truncated, _) in enumerate(kept):
             for j in range(G):
@@ -296,6 +316,29 @@ class RolloutFeed(PromptFeed):
             "rollout_s": time.perf_counter() - t0,
         })
         return episodes, metrics
+
+    def use_reference(self, ref):
+        self.ref = ref
+        return ref
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """The configured estimator over the whole step's rewards (every rank's, so batch statistics are
+        the global batch's under torchrun); this rank's part."""
+        m, fn = self.m, get_advantage(self.m.advantage)
+        kwargs = {"scale_rewards": m.scale_rewards} if "scale_rewards" in inspect.signature(fn).parameters else {}
+        everyone, start = distributed.gather(rewards)
+        return fn(everyone, m.num_generations, **{**kwargs, **m.advantage_args})[start:start + len(rewards)]
+
+    def reward_with_kl(self, rewards: torch.Tensor, kept: list, width: int) -> torch.Tensor:
+        seqs, plens, old, mask = [], [], torch.zeros(len(rewards), width), torch.zeros(len(rewards), width)
+        for gi, (prompt, comp, lp, mk, _, _) in enumerate(kept):
+            for j in range(self.m.num_generations):
+                k, n = gi * self.m.num_generations + j, int(mk[j].sum())
+                seqs.append(prompt + comp[j, :n].tolist())
+                plens.append(len(prompt))
+                old[k, :lp.shape[1]], mask[k, :mk.shape[1]] = lp[j], mk[j]
+        ref = shared_prompt_logprobs(self.ref, plens, seqs, width, self.tok.pad_token_id, self.m.temperature).cpu()
+        return kl_in_reward(rewards, old, ref, mask, self.m.reward_kl)
 
     def next_step(self, model) -> Step:
         """This step's micro-batches (a fresh generation batch every num_iterations steps)."""
