@@ -84,11 +84,13 @@ NPROC_LIMIT = 16          # processes + threads of uid 65534 (all runs together)
 FILE_LIMIT_MB = 16        # largest file the code may write
 NOFILE_LIMIT = 64         # open file descriptors
 RESULT_LIMIT = 1 << 16    # bytes accepted on the result pipe
+SCRATCH_LIMIT_MB = 32     # total size of the scratch directory (namespaced layouts: a tmpfs of this size)
 WRITABLE_DIRS = ("/tmp", "/var/tmp", "/run/lock", "/dev/shm")   # made read-only inside the namespace
 SCRATCH_BASE = "/tmp" if os.path.isdir("/tmp") else None        # world-traversable, whatever TMPDIR says
 BLOCKED_MODULES = ("ctypes", "_ctypes", "cffi", "_cffi_backend", "_posixsubprocess", "subprocess",
                    "multiprocessing", "_multiprocessing", "socket", "_socket", "ssl", "_ssl", "resource",
                    "mmap", "pty", "_xxsubinterpreters", "_testcapi", "_testinternalcapi")
+AUDIT_HOOK = True         # tests turn it off to check that the kernel layers hold on their own
 
 
 @dataclass
@@ -107,260 +109,73 @@ class SandboxResult:
 
 @dataclass(frozen=True)
 class SandboxMode:
-    namespaces: bool          # unshare: pid + net + mount namespaces, read-only world-writable dirs
+    namespaces: bool          # unshare: pid + net + mount + ipc namespaces, every mount read-only, tmpfs scratch
     drop_uid: bool            # run the code as uid/gid 65534
     python: str               # the interpreter that runs the code (must be readable by nobody when drop_uid)
     unshare: str | None = None
+    landlock: int | None = None   # Landlock ABI to use: None = what the kernel offers, 0 = none
 
 
-# ----------------------------------------------------------------------------- the child program
-# Runs as `python -I -S -B -c RUNNER CONFIG_JSON`. Only the standard library; no state outside main().
-RUNNER = r'''
-import sys
+HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_harness.py")
+PROBE_CODE = "import fractions, os\nx = fractions.Fraction(1, 2)\nuid = os.getuid()\nstatus = open('/proc/self/status').read()\n"
+PROBE_TESTS = "assert x == 0.5\nassert uid == {uid}\nassert 'NoNewPrivs:\\t1' in status and 'Seccomp:\\t2' in status\n"
+_LANDLOCK: int | None = None
 
-def main():
-    import ast, builtins, json, os, signal
-    cfg = json.loads(sys.argv[1])
-    res_fd, scratch = cfg["result_fd"], cfg["scratch"]
-    write, _exit = os.write, os._exit
 
-    def report(kind, text=""):
-        text = text.replace("\n", " ").replace("\r", " ")[:2000]
-        write(res_fd, (kind + " " + text + "\n").encode("utf-8", "replace"))
-
-    def setup_failed(what, e):
-        report("X", "%s: %s: %s" % (what, type(e).__name__, e))
-        _exit(3)
-
-    # ---- supervisor: private mounts, then fork the worker and reap until it exits
-    if cfg["mounts"]:
-        try:
-            import ctypes
-            if os.readlink("/proc/self/ns/mnt") == cfg["host_mnt_ns"]:
-                raise RuntimeError("the mount namespace is the host's; refusing to mount")
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-            RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND = 1, 2, 4, 8, 32, 4096
-            def mount(src, target, fstype, flags, data):
-                if libc.mount(src, target.encode(), fstype, flags, data) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, "mount %s: %s" % (target, os.strerror(err)))
-            for d in cfg["writable_dirs"]:
-                if not os.path.isdir(d) or os.path.islink(d):
-                    continue
-                if scratch.startswith(d.rstrip("/") + "/"):
-                    # cwd still holds the real scratch directory after /tmp is covered: bind it back
-                    mount(b"tmpfs", d, b"tmpfs", NOSUID | NODEV | NOEXEC, b"size=64k,mode=755")
-                    os.makedirs(scratch)
-                    mount(b".", scratch, None, BIND, None)
-                    os.chdir(scratch)
-                    mount(None, d, None, REMOUNT | RDONLY | NOSUID | NODEV | NOEXEC, None)
-                else:
-                    mount(b"tmpfs", d, b"tmpfs", RDONLY | NOSUID | NODEV | NOEXEC, b"size=4k,mode=755")
-        except BaseException as e:
-            setup_failed("mounts", e)
-    worker = os.fork()
-    if worker:
-        def expire(signum, frame):
-            os.kill(worker, signal.SIGKILL)
-            _exit(137)
-        signal.signal(signal.SIGALRM, expire)
-        signal.alarm(cfg["backstop"])      # in case the caller died and nobody kills us
-        while True:
+def landlock_abi() -> int:
+    """The Landlock ABI version the kernel offers (0: none). Asking creates nothing."""
+    global _LANDLOCK
+    if _LANDLOCK is None:
+        _LANDLOCK = 0
+        if sys.platform.startswith("linux") and os.uname().machine in ("x86_64", "aarch64"):
             try:
-                pid, status = os.waitpid(-1, 0)
-            except ChildProcessError:
-                _exit(1)
-            if pid == worker:
-                code = os.waitstatus_to_exitcode(status)
-                _exit(code if code >= 0 else 128 - code)
-
-    # ---- worker: limits, identity, input, guard, run
-    try:
-        import resource
-        cpu, mem = cfg["cpu_seconds"], cfg["memory_bytes"]
-        for name, value in (("RLIMIT_CPU", (cpu, cpu + 1)), ("RLIMIT_AS", (mem, mem)),
-                            ("RLIMIT_FSIZE", (cfg["file_bytes"],) * 2), ("RLIMIT_NOFILE", (cfg["nofile"],) * 2),
-                            ("RLIMIT_CORE", (0, 0)), ("RLIMIT_NPROC", (cfg["nproc"],) * 2)):
-            resource.setrlimit(getattr(resource, name), value)
-        if cfg["drop_uid"] is not None:
-            uid = cfg["drop_uid"]
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            if os.getuid() != uid or os.geteuid() != uid:
-                raise RuntimeError("uid drop did not take")
-        try:
-            import ctypes
-            ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)   # PR_SET_NO_NEW_PRIVS
-        except Exception:
-            pass
-        with open(cfg["input"], encoding="utf-8") as f:
-            job = json.load(f)
-        code_src, tests_src = job["code"], job["tests"]
-    except BaseException as e:
-        setup_failed("worker setup", e)
-
-    tree = ast.parse(tests_src, "tests.py")
-    tests = []
-    for stmt in tree.body:
-        is_test = any(isinstance(n, ast.Assert) for n in ast.walk(stmt))
-        seg = (ast.get_source_segment(tests_src, stmt) or "").strip().replace("\n", " ")
-        tests.append((compile(ast.Module(body=[stmt], type_ignores=[]), "tests.py", "exec"), is_test,
-                      "line %d `%s`" % (stmt.lineno, seg[:120])))
-    tests = tuple(tests)
-    report("S")
-    try:
-        code_obj = compile(code_src, "solution.py", "exec")
-    except BaseException as e:
-        report("E", "code does not compile: %s: %s" % (type(e).__name__, e))
-        _exit(0)
-
-    for name in list(sys.modules):   # the code must import these itself, through the guard
-        if name.split(".")[0] in cfg["blocked_modules"]:
-            del sys.modules[name]
-    sys.addaudithook(make_guard(scratch, tuple(cfg["blocked_modules"]), os.getcwd, os.O_WRONLY | os.O_RDWR |
-                                os.O_APPEND | os.O_CREAT | os.O_TRUNC))
-
-    _exec, _type, _str = exec, type, str
-    streams = (sys.stdout, sys.stderr)
-
-    def describe(e):
-        try:
-            name = _type(e).__name__
-            msg = _str(e)
-            return "%s: %s" % (name, msg[:300]) if msg else "%s" % (name,)
-        except BaseException:
-            return "an exception"
-
-    def flush():
-        for s in streams:
-            try:
-                s.flush()
-            except BaseException:
-                pass
-
-    namespace = {"__name__": "solution", "__builtins__": builtins}
-    try:
-        _exec(code_obj, namespace)
-    except BaseException as e:
-        flush()
-        report("E", "code raised " + describe(e))
-        _exit(0)
-    passed = total = 0
-    first = ""
-    for obj, is_test, where in tests:
-        try:
-            _exec(obj, namespace)
-            ok = True
-        except BaseException as e:
-            ok = False
-            if not first:
-                first = "%s %s: %s" % ("test" if is_test else "setup", where, describe(e))
-        if is_test:
-            total += 1
-            passed += ok
-    flush()
-    report("R", "%d %d %s" % (passed, total, first))
-    _exit(0)
+                import ctypes
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.syscall.restype = ctypes.c_long
+                # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)
+                _LANDLOCK = max(0, int(libc.syscall(ctypes.c_long(444), ctypes.c_long(0), ctypes.c_long(0),
+                                                    ctypes.c_long(1))))
+            except (OSError, AttributeError):
+                _LANDLOCK = 0
+    return _LANDLOCK
 
 
-def make_guard(scratch, blocked, getcwd, write_flags):
-    """The audit hook. Only builtin-type methods and objects bound here: code cannot patch them."""
-    deny_events = frozenset({
-        "os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.spawn", "os.system", "os.startfile",
-        "subprocess.Popen", "os.kill", "os.killpg", "os.symlink", "os.link", "pty.spawn",
-        "gc.get_objects", "gc.get_referrers", "gc.get_referents"})
-    path_events = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,), "os.chown": (0,),
-                   "os.truncate": (0,), "os.utime": (0,), "os.setxattr": (0,), "os.removexattr": (0,),
-                   "os.chflags": (0,), "os.lchflags": (0,), "os.rename": (0, 1), "shutil.rmtree": (0,),
-                   "shutil.copyfile": (1,), "shutil.copymode": (1,), "shutil.copystat": (1,),
-                   "shutil.copytree": (1,), "shutil.move": (0, 1), "shutil.chown": (0,)}
-    dir_fd_events = {"os.remove": 1, "os.rmdir": 1, "os.mkdir": 2, "os.chmod": 2, "os.chown": 3,
-                     "os.utime": 3, "os.rename": (2, 3)}
-    prefix = scratch.rstrip("/") + "/"
-    _str, _bytes, _type, _int, _len, _tuple = str, bytes, type, int, len, tuple
-    PermissionError_ = PermissionError
-
-    def norm(p):
-        if _type(p) is _bytes:
-            p = p.decode("utf-8", "surrogateescape")
-        if _type(p) is not _str:
-            return None
-        if not p.startswith("/"):
-            p = getcwd() + "/" + p
-        parts = []
-        for c in p.split("/"):
-            if c == "" or c == ".":
-                continue
-            if c == "..":
-                if parts:
-                    parts.pop()
-            else:
-                parts.append(c)
-        return "/" + "/".join(parts)
-
-    def inside(p):
-        q = norm(p)
-        return q is not None and (q == scratch or q.startswith(prefix) or q == "/dev/null")
-
-    def deny(what):
-        raise PermissionError_("sandbox: %s is not allowed" % (what,))
-
-    def guard(event, args):
-        if event == "open":
-            path, mode, flags = args
-            writing = (_type(mode) is _str and ("w" in mode or "a" in mode or "x" in mode or "+" in mode)) or \
-                      (_type(flags) is _int and flags & write_flags)
-            if not writing or _type(path) is _int:
-                return
-            relative = (_type(path) is _str and not path.startswith("/")) or \
-                       (_type(path) is _bytes and not path.startswith(b"/"))
-            if mode is None and relative:
-                deny("os.open for writing with a relative path (use an absolute path or open())")
-            if not inside(path):
-                deny("writing %r outside the scratch directory" % (path,))
-        elif event == "import":
-            name = args[0]
-            if _type(name) is _str:
-                root = name.split(".")[0]
-                if root in blocked:
-                    deny("importing %s" % (name,))
-        elif event in deny_events:
-            deny(event)
-        elif event.startswith("socket.") or event.startswith("ctypes."):
-            deny(event)
-        elif event in path_events:
-            for i in path_events[event]:
-                if i < _len(args) and not inside(args[i]):
-                    deny("%s on %r outside the scratch directory" % (event, args[i]))
-            fds = dir_fd_events.get(event, ())
-            for i in (fds if _type(fds) is _tuple else (fds,)):
-                if i < _len(args) and args[i] is not None and args[i] != -1:
-                    deny("%s with dir_fd" % (event,))
-
-    return guard
-
-
-main()
-'''
-
-PROBE_CODE = "import fractions\nx = fractions.Fraction(1, 2)\n"
+def containment_problem(mode: SandboxMode, landlock: int) -> str | None:
+    """Why this layout cannot contain untrusted code, or None when it can (see the module doc)."""
+    if not sys.platform.startswith("linux") or os.uname().machine not in ("x86_64", "aarch64"):
+        return (f"the sandbox needs Linux on x86_64 or aarch64 for its seccomp filter "
+                f"(this is {sys.platform} {os.uname().machine})")
+    if not mode.drop_uid and not landlock:
+        return (f"the code would run as the caller's own user (uid {os.getuid()}) and this kernel has no Landlock, "
+                f"so nothing would keep it out of the caller's files, memory and processes: run as root "
+                f"(uid drop; namespaces with unshare) or on Linux >= 5.13 with Landlock enabled (lsm=...,landlock)")
+    return None
 
 
 # ----------------------------------------------------------------------------- the caller's side
-def count_tests(tests: str) -> int:
-    """Number of tests (top-level statements containing an assert); ValueError for unusable tests."""
+def split_tests(tests: str) -> list[tuple[str, bool, str]]:
+    """The top-level statements of `tests` as (source, is_test, where); a statement is a test when it
+    contains an assert. ValueError for unusable tests. Done here, not in the judge, so the judge needs
+    no `import ast`."""
     if not isinstance(tests, str):
         raise TypeError(f"tests must be a str of `assert ...` lines, got {type(tests).__name__}")
     try:
         tree = ast.parse(tests)
     except SyntaxError as e:
         raise ValueError(f"tests do not parse: {e.msg} (line {e.lineno})") from None
-    n = sum(any(isinstance(x, ast.Assert) for x in ast.walk(s)) for s in tree.body)
-    if n == 0:
+    parts = []
+    for stmt in tree.body:
+        seg = (ast.get_source_segment(tests, stmt) or "").strip().replace("\n", " ")
+        parts.append((ast.unparse(stmt), any(isinstance(n, ast.Assert) for n in ast.walk(stmt)),
+                      f"line {stmt.lineno} `{seg[:120]}`"))
+    if not any(is_test for _, is_test, _ in parts):
         raise ValueError("tests hold no assert statement: each test is one `assert ...` line")
-    return n
+    return parts
+
+
+def count_tests(tests: str) -> int:
+    """Number of tests (top-level statements containing an assert); ValueError for unusable tests."""
+    return sum(is_test for _, is_test, _ in split_tests(tests))
 
 
 def _kill_group(proc: subprocess.Popen):
@@ -375,13 +190,14 @@ def _kill_group(proc: subprocess.Popen):
 
 
 def _parse_result(raw: bytes, total: int):
-    """(kind, passed, reason) from the result pipe; kind is None when nothing usable arrived."""
+    """(kind, passed, reason) from the judge's result pipe; kind is None when nothing arrived. Only
+    the judge holds that pipe, so anything unexpected here is a harness bug, reported as such."""
     lines = raw.decode("utf-8", "replace").splitlines()
     final = [ln for ln in lines if ln[:2] in ("R ", "E ", "X ")]
     if not final:
         return None, 0, ""
-    if len(final) > 1 or (final[0][0] != "X" and lines[0] != "S "):
-        return "bad", 0, "result channel tampered with (unexpected result lines)"
+    if len(final) > 1 or len(lines) > 1:
+        return "bad", 0, "sandbox harness error: unexpected result lines"
     kind, text = final[0][0], final[0][2:]
     if kind != "R":
         return kind, 0, text
@@ -389,9 +205,9 @@ def _parse_result(raw: bytes, total: int):
     try:
         passed, got_total = int(parts[0]), int(parts[1])
     except (ValueError, IndexError):
-        return "bad", 0, "result channel garbled"
+        return "bad", 0, "sandbox harness error: garbled result"
     if got_total != total or not 0 <= passed <= total:
-        return "bad", 0, f"result channel tampered with ({passed}/{got_total} reported for {total} tests)"
+        return "bad", 0, f"sandbox harness error: {passed}/{got_total} reported for {total} tests"
     return "R", passed, parts[2] if len(parts) > 2 else ""
 
 
@@ -410,36 +226,46 @@ def _exit_reason(code) -> str:
     return f"exited with status {code} before reporting a result"
 
 
-def _run(code: str, tests: str, total: int, timeout: float, memory_mb: int, max_output: int,
+def _frame(text: str) -> bytes:
+    data = text.encode("utf-8", "surrogatepass")
+    return b"%016d" % len(data) + data
+
+
+def _run(code: str, tests: list, timeout: float, memory_mb: int, max_output: int,
          mode: SandboxMode) -> SandboxResult:
+    total = sum(is_test for _, is_test, _ in tests)
+    abi = landlock_abi() if mode.landlock is None else min(int(mode.landlock), landlock_abi())
+    problem = containment_problem(mode, abi)
+    if problem:
+        raise RuntimeError(f"rollout/sandbox.py: refusing to run untrusted code in layout {mode}: {problem}")
     scratch = os.path.realpath(tempfile.mkdtemp(prefix="posttrain-sandbox-", dir=SCRATCH_BASE))
     proc = None
     res_r = res_w = None
     try:
-        input_path = os.path.join(scratch, ".sandbox_input.json")
-        with open(input_path, "w", encoding="utf-8") as f:
-            json.dump({"code": code, "tests": tests}, f)
-        if mode.drop_uid:
-            os.chown(scratch, NOBODY, NOBODY)
-            os.chmod(input_path, 0o644)
+        if mode.drop_uid and not mode.namespaces:
+            os.chown(scratch, NOBODY, NOBODY)    # its cwd (read-only for it: see the module doc)
         res_r, res_w = os.pipe()
         cfg = {
-            "result_fd": res_w, "scratch": scratch, "input": input_path,
-            "mounts": mode.namespaces, "host_mnt_ns": os.readlink("/proc/self/ns/mnt") if mode.namespaces else "",
+            "result_fd": res_w, "scratch": scratch, "namespaces": mode.namespaces,
+            "host_mnt_ns": os.readlink("/proc/self/ns/mnt") if mode.namespaces else "",
             "writable_dirs": list(WRITABLE_DIRS), "backstop": int(math.ceil(timeout)) + 5,
             "cpu_seconds": int(math.ceil(timeout)) + 1, "memory_bytes": int(memory_mb) << 20,
             "file_bytes": FILE_LIMIT_MB << 20, "nofile": NOFILE_LIMIT, "nproc": NPROC_LIMIT,
+            "scratch_bytes": SCRATCH_LIMIT_MB << 20, "landlock": abi,
             "drop_uid": NOBODY if mode.drop_uid else None, "blocked_modules": list(BLOCKED_MODULES),
+            "audit_hook": AUDIT_HOOK,
         }
-        argv = [mode.python, "-I", "-S", "-B", "-X", "utf8", "-c", RUNNER, json.dumps(cfg)]
+        argv = [mode.python, "-I", "-S", "-B", "-X", "utf8", HARNESS, json.dumps(cfg)]
         if mode.namespaces:
-            argv = [mode.unshare, "--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--"] + argv
+            argv = [mode.unshare, "--net", "--pid", "--ipc", "--fork", "--kill-child", "--mount-proc", "--"] + argv
         env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         start = time.monotonic()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 cwd=scratch, env=env, pass_fds=(res_w,), start_new_session=True, close_fds=True)
         os.close(res_w)
         res_w = None
+        job, sent = _frame(code) + _frame(json.dumps(tests)), 0   # the judge reads the tests after the fork
+        os.set_blocking(proc.stdin.fileno(), False)
 
         out, res = bytearray(), bytearray()
         failure = None
@@ -447,6 +273,7 @@ def _run(code: str, tests: str, total: int, timeout: float, memory_mb: int, max_
         with selectors.DefaultSelector() as sel:
             sel.register(proc.stdout, selectors.EVENT_READ, "out")
             sel.register(res_r, selectors.EVENT_READ, "res")
+            sel.register(proc.stdin, selectors.EVENT_WRITE, "in")
             open_streams = 2
             while open_streams and failure is None:
                 remaining = deadline - time.monotonic()
@@ -454,6 +281,17 @@ def _run(code: str, tests: str, total: int, timeout: float, memory_mb: int, max_
                     failure = f"timed out after {timeout:g}s"
                     break
                 for key, _ in sel.select(min(remaining, 0.25)):
+                    if key.data == "in":
+                        try:
+                            sent += os.write(key.fd, job[sent:sent + (1 << 16)])
+                        except BlockingIOError:
+                            continue
+                        except OSError:          # the judge is gone; its result (or silence) says why
+                            sent = len(job)
+                        if sent >= len(job):
+                            sel.unregister(proc.stdin)
+                            proc.stdin.close()
+                        continue
                     chunk = os.read(key.fd, 1 << 16)
                     if not chunk:
                         sel.unregister(key.fileobj)
@@ -466,9 +304,9 @@ def _run(code: str, tests: str, total: int, timeout: float, memory_mb: int, max_
                     else:
                         res += chunk
                         if len(res) > RESULT_LIMIT:
-                            failure = "result channel flooded"
+                            failure = "sandbox harness error: result channel flooded"
                             break
-                # without namespaces a background child can hold the pipes open: stop once we have it all
+                # without namespaces a stray thread can hold stdout open: stop once the judge has reported
                 if proc.poll() is not None and res.rstrip(b"\n").rsplit(b"\n", 1)[-1][:2] in (b"R ", b"E ", b"X "):
                     break
         _kill_group(proc)
@@ -495,12 +333,16 @@ def _run(code: str, tests: str, total: int, timeout: float, memory_mb: int, max_
             return SandboxResult(0, total, False, f"sandbox setup failed: {reason}", text)
         if kind == "bad":
             return SandboxResult(0, total, False, reason, text)
-        return SandboxResult(0, total, False, _exit_reason(returncode), text)
+        return SandboxResult(0, total, False, "the sandbox judge " + _exit_reason(returncode), text)
     finally:
         if proc is not None:
             _kill_group(proc)
-            if proc.stdout is not None:
-                proc.stdout.close()
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    try:
+                        stream.close()
+                    except OSError:
+                        pass
             if proc.returncode is None:
                 try:
                     proc.wait(timeout=5)
@@ -517,46 +359,56 @@ _MODE_LOCK = threading.Lock()
 
 
 def _candidates() -> list[SandboxMode]:
+    """Layouts that can contain the code here, strongest first (see the module doc)."""
     pythons = []
     for p in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
         if p and os.path.isfile(p) and os.access(p, os.X_OK) and os.path.realpath(p) not in pythons:
             pythons.append(os.path.realpath(p))
+    abi = landlock_abi()
     out = []
     if sys.platform.startswith("linux") and os.geteuid() == 0:
         unshare = shutil.which("unshare") or ("/usr/bin/unshare" if os.path.exists("/usr/bin/unshare") else None)
         if unshare:
-            out += [SandboxMode(True, True, p, unshare) for p in pythons]
-            out.append(SandboxMode(True, False, pythons[0], unshare))
-        out += [SandboxMode(False, True, p) for p in pythons]
-    out.append(SandboxMode(False, False, pythons[0] if pythons else sys.executable))
-    return out
+            out += [SandboxMode(True, True, p, unshare, abi) for p in pythons]
+            if abi:
+                out.append(SandboxMode(True, False, pythons[0], unshare, abi))
+        out += [SandboxMode(False, True, p, None, abi) for p in pythons]
+    if abi and pythons:
+        out.append(SandboxMode(False, False, pythons[0], None, abi))
+    return [m for m in out if containment_problem(m, abi) is None]
 
 
 def sandbox_mode() -> SandboxMode:
-    """The strongest layout that works on this machine (probed once per process, then cached)."""
+    """The strongest layout that works on this machine (probed once per process, then cached).
+    RuntimeError when none can contain untrusted code here."""
     global _MODE
     with _MODE_LOCK:
         if _MODE is None:
+            candidates = _candidates()
+            if not candidates:
+                problem = containment_problem(SandboxMode(False, False, sys.executable), landlock_abi())
+                raise RuntimeError(f"rollout/sandbox.py: no sandbox layout can contain untrusted code on this "
+                                   f"machine: {problem or 'no usable Python interpreter'}")
             tried = []
-            for mode in _candidates():
+            for mode in candidates:
                 uid = NOBODY if mode.drop_uid else os.getuid()
-                tests = f"assert x == 0.5\nassert __import__('os').getuid() == {uid}\n"
-                r = _run(PROBE_CODE, tests, 2, timeout=20.0, memory_mb=256, max_output=10_000, mode=mode)
-                if r.ok and r.passed == 2:
+                r = _run(PROBE_CODE, split_tests(PROBE_TESTS.format(uid=uid)), timeout=20.0, memory_mb=256,
+                         max_output=10_000, mode=mode)
+                if r.ok and r.passed == 3:
                     _MODE = mode
                     break
                 tried.append(f"{mode}: {r.reason} {r.output[-300:]}")
             if _MODE is None:
-                raise RuntimeError("no sandbox layout works on this machine:\n" + "\n".join(tried))
+                raise RuntimeError("rollout/sandbox.py: no sandbox layout works on this machine:\n" + "\n".join(tried))
         return _MODE
 
 
 def run_code(code: str, tests: str, timeout: float = 5.0, memory_mb: int = 256, max_output: int = 10_000,
              *, mode: SandboxMode | None = None) -> SandboxResult:
-    """Run `code`, then each `assert` of `tests`, in a separate sandboxed process (see the module doc)."""
+    """Run `code`, then each `assert` of `tests`, in a separate sandboxed process (see the module doc).
+    RuntimeError when the layout (given, or the one found here) cannot contain untrusted code."""
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
     if timeout <= 0 or memory_mb <= 0 or max_output < 0:
         raise ValueError(f"need timeout > 0, memory_mb > 0, max_output >= 0; got {timeout}, {memory_mb}, {max_output}")
-    total = count_tests(tests)
-    return _run(code, tests, total, float(timeout), int(memory_mb), int(max_output), mode or sandbox_mode())
+    return _run(code, split_tests(tests), float(timeout), int(memory_mb), int(max_output), mode or sandbox_mode())
