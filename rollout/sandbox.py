@@ -1,67 +1,98 @@
-"""Run generated Python against `assert` tests in a separate, locked-down process.
+"""Run generated Python against `assert` tests in separate, locked-down processes.
 
 `run_code(code, tests)` -> SandboxResult(passed, total, ok, reason, output). `ok` means the program
 ran to completion and its tests were counted; any failure (syntax error, exception, timeout, memory,
 blocked operation, output flood) is ok=False with a reason, and a code reward pays 0 for it. The
-caller never hangs and never crashes: everything untrusted happens in another process, which is
-SIGKILLed (with everything it started) at the deadline.
+caller never hangs and never crashes: everything untrusted happens in other processes, SIGKILLed
+(with everything they started) at the deadline. RuntimeError when the layout cannot contain the code.
 
 Tests: every top-level statement of `tests` that contains an `assert` is one test (normally one
 `assert ...` line; a `for` loop of asserts counts once); other statements (imports, helpers) run as
-setup. Tests run in order in the program's namespace after the program itself; a test passes when it
-raises nothing. `__name__` is "solution", so an `if __name__ == "__main__":` block does not run.
+setup. A test passes when it raises nothing. The program runs as module "solution" (an
+`if __name__ == "__main__":` block does not run); the tests run in order, after it, in a namespace
+where any name they do not define and that is not a builtin is the program's global of that name.
 
-How a run is built (strongest layout that works here, found once per process by `sandbox_mode()`):
+How a run is built (rollout/sandbox_harness.py; the layout is found once per process by `sandbox_mode()`):
 
-    caller ── Popen(start_new_session) ──> unshare --net --pid --fork --kill-child --mount-proc
-                                             └─ python -I -S -B (pid 1 of the new pid namespace:
-                                                  the supervisor) ── fork ──> worker (runs the code)
+    caller ──Popen(new session)──> [unshare --net --pid --ipc --mount-proc --fork --kill-child]
+                                     └─ judge: python -I -S -B sandbox_harness.py ──fork──> worker
 
-  supervisor  (trusted) makes the world-writable directories (/tmp, /var/tmp, /run/lock, /dev/shm)
-              read-only empty tmpfs in its private mount namespace (the scratch directory is bound
-              back in place), forks the worker, waits for it and exits; when pid 1 exits the kernel
-              kills every process left in the namespace.
-  worker      (trusted until it runs the code) sets resource limits, drops to uid/gid 65534
-              (nobody) with no_new_privs, installs an audit hook, then runs the program and tests.
-  caller      reads output (capped) and a separate result pipe, SIGKILLs the process group at the
-              deadline or when the output cap is passed, and deletes the scratch directory.
+  caller  sends the code, then the tests, on the judge's stdin; reads stdout+stderr (capped) and the
+          judge's result pipe; SIGKILLs the process group at the deadline; deletes the scratch dir.
+  judge   (trusted, never runs the code) reads the code, makes the private mounts (namespaced
+          layouts), forks the worker, and only then reads the tests; it makes itself non-dumpable and
+          runs the tests in its own interpreter. Values of the program reach it as plain data (None,
+          bool, int, float, complex, str, bytes, list, tuple, dict, set, Fraction, Decimal, deque ...)
+          over a pipe, decoded into its own built-in objects: every comparison a test makes runs on
+          those, never on a method the program defined. Other objects (functions, classes, instances,
+          generators) stay in the worker; the judge holds a handle that calls, reads attributes,
+          iterates, len()/str()... through the pipe, and compares by identity. It alone writes the result.
+  worker  (untrusted once the code runs) keeps only stdout/stderr and its two pipes, sets rlimits,
+          drops to uid 65534 or drops every capability, sets no_new_privs, then Landlock and a seccomp
+          filter (rollout/sandbox_confine.py), runs the program and answers the judge. Whatever the
+          code does to its own interpreter, it only chooses the answers, as a function does anyway.
 
-Guaranteed by the kernel (where the layout is available; `sandbox_mode()` says which one runs):
-  * wall clock: the caller's SIGKILL of the process group at `timeout` (measured here: returns within
-    timeout + 0.05 s for a busy loop, + 0.25 s for 16 processes of an unguarded fork bomb); CPU time:
-    RLIMIT_CPU (ceil(timeout) + 1 s) per process. If the caller itself dies, the supervisor still
-    kills the worker after ceil(timeout) + 5 s.
-  * memory: RLIMIT_AS = memory_mb per process (allocations fail: MemoryError or a crash); files:
-    RLIMIT_FSIZE 16 MB per file, RLIMIT_NOFILE 64, no core dumps.
-  * processes [namespaces]: pid namespace - nothing started by the code outlives the run, even if it
-    leaves the process group; [uid drop] RLIMIT_NPROC 16 for uid 65534 (root ignores RLIMIT_NPROC,
-    hence the drop).
-  * network [namespaces]: a fresh network namespace has no usable interface, not even loopback.
-  * files [uid drop + namespaces]: as nobody the code can write only the scratch directory (its cwd)
-    and, in the private mount namespace, finds every world-writable directory read-only. The scratch
-    directory is deleted after the run.
-  * env is empty but for PATH/HOME/TMPDIR/LANG/LC_ALL; stdin is /dev/null; `-I -S` means no
-    site-packages, no user site, no PYTHON* variables: the code gets the standard library only. With
-    the uid drop the interpreter must be readable by nobody: a pyenv Python under /root (0700) is not,
-    and the probe then picks the system /usr/bin/python3 (same language, its own standard library).
-  * [uid drop] no capabilities, no supplementary groups, no_new_privs set.
-Guaranteed only at the Python level (an audit hook, PEP 578, that Python code cannot remove), in
-every layout: fork/exec/spawn/system/subprocess, signals to other processes, sockets, ctypes/cffi/
-_posixsubprocess/resource/mmap imports, gc.get_referrers-style walks, symlinks/hard links, and every
-write, rename, delete, chmod... whose path leaves the scratch directory are refused with
-PermissionError (os.open for writing needs an absolute path: the hook cannot see a dir_fd). This
-is what stops a naive fork bomb at its first fork and a stray write to /tmp in every layout. Layouts,
-strongest first: namespaces + uid drop (root with unshare: this machine), namespaces only, uid drop
-only, neither (a non-root caller). In the last one the hook is the only file/network barrier; the
-rlimits still hold and RLIMIT_NPROC then counts all of the caller's own processes.
+Layouts, strongest first (`sandbox_mode()` takes the first whose probe run passes):
+  A  namespaces + uid drop      root with unshare (this machine)            [+ Landlock if the kernel has it]
+  B  namespaces, no uid drop    root with unshare, no Python readable by 65534   only with Landlock
+  C  uid drop only              root without unshare                        [+ Landlock if the kernel has it]
+  D  neither                    a normal user                               only with Landlock
+  refused                       a normal user on a kernel without Landlock (Linux < 5.13, or landlock
+                                not in lsm=): run_code raises RuntimeError rather than run the code
+                                as the caller's own user with nothing between it and the caller.
+
+Guaranteed by the kernel, in every layout (Linux x86_64 or aarch64; anything else is refused):
+  * processes: seccomp refuses fork, vfork, clone of a process (threads only), execve; signals except
+    to itself (kill/tgkill/rt_sigqueueinfo with another pid, 0 or -1; tkill; pidfd_*); ptrace,
+    process_vm_*, kcmp; setsid/setpgid (it stays in the process group the caller kills); prlimit64,
+    setpriority, sched_setaffinity/setscheduler/setattr, ioprio_set, migrate/move_pages on another
+    process. It dies with the judge (PDEATHSIG), the judge with the caller's SIGKILL or its own alarm.
+  * no network and no IPC: socket and socketpair are refused; System V and POSIX IPC, memfd, mknod
+    (FIFOs, devices), flock, mount/namespace calls, io_uring, bpf, perf_event_open, userfaultfd,
+    keyctl and system calls newer than the table (ENOSYS) too. No capabilities, no_new_privs.
+  * time and size: the caller's SIGKILL at `timeout` (measured here: returns within timeout + 0.05 s,
+    a busy loop or eight busy threads); RLIMIT_CPU ceil(timeout) + 1 s; RLIMIT_AS = memory_mb;
+    RLIMIT_FSIZE 16 MB per file; RLIMIT_NOFILE 64; no core dumps; RLIMIT_NPROC 16 (threads; counts
+    every process of the user, so for a normal user it counts theirs too); output capped at max_output.
+  * the score: only the judge can write the result, and the worker never held the tests: not in a
+    file, not in its memory, not in the judge's memory (non-dumpable, another uid or outside its
+    Landlock domain). A forged result line, an `__eq__` that is always true, patched builtins or a
+    `len` of the program's own all change nothing.
+Files:
+  * namespaced (A, B): in a private mount namespace every mount is read-only, /tmp, /var/tmp,
+    /run/lock and /dev/shm are empty read-only tmpfs, /dev holds only null, zero, full, random,
+    urandom and the fd/stdin/stdout/stderr links, and the scratch directory (the cwd) is a fresh tmpfs of SCRATCH_LIMIT_MB: the only
+    writable place, and the total disk quota (it is RAM). The pid namespace hides every other process
+    and nothing outlives the run.
+  * not namespaced (C, D): no file is created, opened for writing, renamed, removed, linked, or has
+    its mode, owner, times or xattrs changed, anywhere, the scratch directory included (seccomp on
+    the open flags and on those calls). Code that writes files fails there with PermissionError.
+Reads:
+  * with Landlock: only /usr, /lib*, /bin, /sbin, /etc/{ld.so.cache,localtime,passwd,group,
+    nsswitch.conf,os-release,mime.types}, the interpreter's standard library, /proc, the five /dev
+    nodes and the scratch directory. Landlock also refuses ptrace-class access out of the worker's
+    domain (the caller's and the judge's /proc/PID/mem, environ and fd/), TCP bind/connect (ABI >= 4),
+    and signals and abstract unix sockets out of the domain (ABI >= 6).
+  * without Landlock (A or C): what uid 65534 may read, i.e. every world-readable file, a dataset
+    with its tests included if it is world-readable. Not another process's memory or environment.
 NOT guaranteed:
-  * integrity of the count against code written to attack the harness: the tests run in the code's
-    own interpreter, so it can override __eq__, patch builtins, or write to the result pipe. The
-    caller rejects malformed or duplicated results, but a determined program can inflate its own
-    score. The sandbox protects the machine and the caller, not the reward from adversarial code.
-  * Python-level guards against bytecode/memory tricks (crafted code objects, interpreter bugs).
-  * reads: the code can read what uid 65534 (or the caller, without the uid drop) can read.
-  * CPU and memory of concurrent runs add up: each run is limited, the sum is not.
+  * the audit hook (PEP 578) is a convenience, not a barrier: it gives clear errors ("sandbox:
+    os.fork is not allowed") and is the only thing that blocks ctypes, but it sees only what the
+    interpreter reports (its import check, for one, is skipped by loading _ctypes through importlib's
+    spec machinery; an interpreter bug that corrupts memory skips all of it). Everything above holds
+    without it: tests/test_sandbox_security.py makes the raw system calls with it off (AUDIT_HOOK).
+  * without a pid namespace (C, D) the code can list the host's processes and read their cmdline
+    and stat (world-readable anyway), not their memory or environment.
+  * the kernel itself: seccomp and Landlock narrow its interface, they do not remove it.
+  * CPU and memory of concurrent runs add up; the judge's memory is not limited (a message from the
+    worker is at most 4 MB); the namespaced scratch tmpfs is RAM.
+  * fidelity of the tests: values cross by value, so an object of the program's own class equals
+    only itself; builtins named in the tests are always the builtins; class bodies in the tests do not
+    see the program's names; a test that hands the program a module or an object not defined in the
+    tests fails ("cannot cross"). In-place changes to list/dict/set/bytearray arguments are copied
+    back (top level only). Assigning a name in the tests does not change the program's global.
+  * SandboxResult.output is the program's own text: untrusted.
+If any layer cannot be installed the run fails ("sandbox setup failed", ok=False); it never runs with less.
 """
 from __future__ import annotations
 
@@ -258,7 +289,8 @@ def _run(code: str, tests: list, timeout: float, memory_mb: int, max_output: int
         argv = [mode.python, "-I", "-S", "-B", "-X", "utf8", HARNESS, json.dumps(cfg)]
         if mode.namespaces:
             argv = [mode.unshare, "--net", "--pid", "--ipc", "--fork", "--kill-child", "--mount-proc", "--"] + argv
-        env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+        env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+               "MALLOC_ARENA_MAX": "2"}   # a 64 MB arena per thread would spend RLIMIT_AS on 4 threads
         start = time.monotonic()
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 cwd=scratch, env=env, pass_fds=(res_w,), start_new_session=True, close_fds=True)

@@ -5,64 +5,62 @@ fork and in the worker before the code runs; standard library only, Python 3.8 o
 The system calls go through ctypes (the stdlib has no seccomp, Landlock or mount_setattr); the
 filter is classic BPF built here as data, so no libseccomp is needed.
 """
+import os
+import struct
 import sys
 
 # ----------------------------------------------------------------------------- syscalls
 # Numbers from arch/x86/entry/syscalls/syscall_64.tbl and include/uapi/asm-generic/unistd.h (aarch64);
-# 424 and up are the same on every architecture. tests/test_sandbox_harness.py checks them against
+# 424 and up are the same on every architecture. tests/test_sandbox_judge.py checks them against
 # the installed kernel headers when there are any.
 COMMON = dict(pidfd_send_signal=424, io_uring_setup=425, io_uring_enter=426, io_uring_register=427,
-              open_tree=428, move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433,
-              pidfd_open=434, clone3=435, openat2=437, pidfd_getfd=438, process_madvise=440,
-              mount_setattr=442, quotactl_fd=443, landlock_create_ruleset=444, landlock_add_rule=445,
-              landlock_restrict_self=446, process_mrelease=448, fchmodat2=452, setxattrat=463,
-              removexattrat=466, open_tree_attr=467, memfd_secret=447)
+              open_tree=428, move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433, pidfd_open=434,
+              clone3=435, openat2=437, pidfd_getfd=438, process_madvise=440, mount_setattr=442, quotactl_fd=443,
+              landlock_create_ruleset=444, landlock_add_rule=445, landlock_restrict_self=446, memfd_secret=447,
+              process_mrelease=448, fchmodat2=452, setxattrat=463, removexattrat=466, open_tree_attr=467)
 LAST_KNOWN = 467               # anything newer gets ENOSYS (glibc falls back), so new kernels add no hole
 SYSCALLS = {
     "x86_64": dict(COMMON, arch=0xC000003E, open=2, ioctl=16, shmget=29, shmat=30, shmctl=31, socket=41,
                    socketpair=53, clone=56, fork=57, vfork=58, execve=59, kill=62, semget=64, semop=65,
-                   semctl=66, shmdt=67, msgget=68, msgsnd=69, msgrcv=70, msgctl=71, truncate=76,
-                   rename=82, mkdir=83, rmdir=84, creat=85, link=86, unlink=87, symlink=88, chmod=90,
-                   fchmod=91, chown=92, fchown=93, lchown=94, ptrace=101, syslog=103, setpgid=109,
-                   setsid=112, capset=126, rt_sigqueueinfo=129, utime=132, mknod=133, uselib=134,
-                   personality=135, ustat=136, flock=73, memfd_create=319, sysfs=139, setpriority=141, sched_setparam=142,
-                   sched_setscheduler=144, vhangup=153, modify_ldt=154, pivot_root=155, _sysctl=156,
-                   prctl=157, adjtimex=159, chroot=161, acct=163, settimeofday=164, mount=165,
-                   umount2=166, swapon=167, swapoff=168, reboot=169, sethostname=170, setdomainname=171,
-                   iopl=172, ioperm=173, create_module=174, init_module=175, delete_module=176,
-                   quotactl=179, nfsservctl=180, setxattr=188, lsetxattr=189, fsetxattr=190,
-                   removexattr=197, lremovexattr=198, fremovexattr=199, tkill=200,
-                   sched_setaffinity=203, lookup_dcookie=212, semtimedop=220, clock_settime=227,
-                   tgkill=234, utimes=235, mq_open=240, mq_unlink=241, mq_timedsend=242,
-                   mq_timedreceive=243, mq_notify=244, mq_getsetattr=245, kexec_load=246, add_key=248,
-                   request_key=249, keyctl=250, ioprio_set=251, migrate_pages=256, openat=257,
-                   mkdirat=258, mknodat=259, fchownat=260, futimesat=261, unlinkat=263, renameat=264,
-                   linkat=265, symlinkat=266, fchmodat=268, unshare=272, get_robust_list=274,
-                   move_pages=279, utimensat=280, fallocate=285, rt_tgsigqueueinfo=297,
-                   perf_event_open=298, fanotify_init=300, prlimit64=302, name_to_handle_at=303,
-                   open_by_handle_at=304, clock_adjtime=305, setns=308, process_vm_readv=310,
-                   process_vm_writev=311, kcmp=312, finit_module=313, sched_setattr=314, renameat2=316,
-                   seccomp=317, kexec_file_load=320, bpf=321, execveat=322, userfaultfd=323),
+                   semctl=66, shmdt=67, msgget=68, msgsnd=69, msgrcv=70, msgctl=71, flock=73, truncate=76,
+                   rename=82, mkdir=83, rmdir=84, creat=85, link=86, unlink=87, symlink=88, chmod=90, fchmod=91,
+                   chown=92, fchown=93, lchown=94, ptrace=101, syslog=103, setpgid=109, setsid=112, capset=126,
+                   rt_sigqueueinfo=129, utime=132, mknod=133, uselib=134, personality=135, ustat=136, sysfs=139,
+                   setpriority=141, sched_setparam=142, sched_setscheduler=144, vhangup=153, modify_ldt=154,
+                   pivot_root=155, _sysctl=156, prctl=157, adjtimex=159, chroot=161, acct=163, settimeofday=164,
+                   mount=165, umount2=166, swapon=167, swapoff=168, reboot=169, sethostname=170,
+                   setdomainname=171, iopl=172, ioperm=173, create_module=174, init_module=175,
+                   delete_module=176, quotactl=179, nfsservctl=180, setxattr=188, lsetxattr=189, fsetxattr=190,
+                   removexattr=197, lremovexattr=198, fremovexattr=199, tkill=200, sched_setaffinity=203,
+                   lookup_dcookie=212, semtimedop=220, clock_settime=227, tgkill=234, utimes=235, mq_open=240,
+                   mq_unlink=241, mq_timedsend=242, mq_timedreceive=243, mq_notify=244, mq_getsetattr=245,
+                   kexec_load=246, add_key=248, request_key=249, keyctl=250, ioprio_set=251, migrate_pages=256,
+                   openat=257, mkdirat=258, mknodat=259, fchownat=260, futimesat=261, unlinkat=263,
+                   renameat=264, linkat=265, symlinkat=266, fchmodat=268, unshare=272, get_robust_list=274,
+                   move_pages=279, utimensat=280, fallocate=285, rt_tgsigqueueinfo=297, perf_event_open=298,
+                   fanotify_init=300, prlimit64=302, name_to_handle_at=303, open_by_handle_at=304,
+                   clock_adjtime=305, setns=308, process_vm_readv=310, process_vm_writev=311, kcmp=312,
+                   finit_module=313, sched_setattr=314, renameat2=316, seccomp=317, memfd_create=319,
+                   kexec_file_load=320, bpf=321, execveat=322, userfaultfd=323),
     "aarch64": dict(COMMON, arch=0xC00000B7, setxattr=5, lsetxattr=6, fsetxattr=7, removexattr=14,
                     lremovexattr=15, fremovexattr=16, lookup_dcookie=18, ioctl=29, ioprio_set=30, flock=32,
                     mknodat=33, mkdirat=34, unlinkat=35, symlinkat=36, linkat=37, renameat=38, umount2=39,
-                    mount=40, pivot_root=41, nfsservctl=42, truncate=45, fallocate=47, chroot=51,
-                    fchmod=52, fchmodat=53, fchownat=54, fchown=55, openat=56, vhangup=58, quotactl=60,
-                    utimensat=88, acct=89, capset=91, personality=92, unshare=97, get_robust_list=100,
-                    kexec_load=104, init_module=105, delete_module=106, clock_settime=112, syslog=116,
-                    ptrace=117, sched_setparam=118, sched_setscheduler=119, sched_setaffinity=122,
-                    kill=129, tkill=130, tgkill=131, rt_sigqueueinfo=138, setpriority=140, reboot=142,
-                    setpgid=154, setsid=157, sethostname=161, setdomainname=162, prctl=167,
-                    settimeofday=170, adjtimex=171, mq_open=180, mq_unlink=181, mq_timedsend=182,
-                    mq_timedreceive=183, mq_notify=184, mq_getsetattr=185, msgget=186, msgctl=187,
-                    msgrcv=188, msgsnd=189, semget=190, semctl=191, semtimedop=192, semop=193,
-                    shmget=194, shmctl=195, shmat=196, shmdt=197, socket=198, socketpair=199,
-                    add_key=217, request_key=218, keyctl=219, clone=220, execve=221, swapon=224,
-                    swapoff=225, migrate_pages=238, move_pages=239, rt_tgsigqueueinfo=240,
-                    perf_event_open=241, prlimit64=261, fanotify_init=262, name_to_handle_at=264,
-                    open_by_handle_at=265, clock_adjtime=266, setns=268, process_vm_readv=270,
-                    process_vm_writev=271, kcmp=272, finit_module=273, sched_setattr=274, renameat2=276,
-                    seccomp=277, memfd_create=279, bpf=280, execveat=281, userfaultfd=282, kexec_file_load=294),
+                    mount=40, pivot_root=41, nfsservctl=42, truncate=45, fallocate=47, chroot=51, fchmod=52,
+                    fchmodat=53, fchownat=54, fchown=55, openat=56, vhangup=58, quotactl=60, utimensat=88,
+                    acct=89, capset=91, personality=92, unshare=97, get_robust_list=100, kexec_load=104,
+                    init_module=105, delete_module=106, clock_settime=112, syslog=116, ptrace=117,
+                    sched_setparam=118, sched_setscheduler=119, sched_setaffinity=122, kill=129, tkill=130,
+                    tgkill=131, rt_sigqueueinfo=138, setpriority=140, reboot=142, setpgid=154, setsid=157,
+                    sethostname=161, setdomainname=162, prctl=167, settimeofday=170, adjtimex=171, mq_open=180,
+                    mq_unlink=181, mq_timedsend=182, mq_timedreceive=183, mq_notify=184, mq_getsetattr=185,
+                    msgget=186, msgctl=187, msgrcv=188, msgsnd=189, semget=190, semctl=191, semtimedop=192,
+                    semop=193, shmget=194, shmctl=195, shmat=196, shmdt=197, socket=198, socketpair=199,
+                    add_key=217, request_key=218, keyctl=219, clone=220, execve=221, swapon=224, swapoff=225,
+                    migrate_pages=238, move_pages=239, rt_tgsigqueueinfo=240, perf_event_open=241,
+                    prlimit64=261, fanotify_init=262, name_to_handle_at=264, open_by_handle_at=265,
+                    clock_adjtime=266, setns=268, process_vm_readv=270, process_vm_writev=271, kcmp=272,
+                    finit_module=273, sched_setattr=274, renameat2=276, seccomp=277, memfd_create=279, bpf=280,
+                    execveat=281, userfaultfd=282, kexec_file_load=294),
 }
 
 # Refused in every layout (EPERM): new processes and programs, reaching other processes, sockets,
@@ -93,7 +91,6 @@ DENY_WRITES = ("creat", "mkdir", "mkdirat", "rmdir", "unlink", "unlinkat", "rena
 O_WRITE = 0o1 | 0o2 | 0o100 | 0o1000 | 0o2000      # O_WRONLY O_RDWR O_CREAT O_TRUNC O_APPEND (same on both)
 CLONE_THREAD, CLONE_NEW = 0x10000, 0x7E020080      # CLONE_NEW{NS,CGROUP,UTS,IPC,USER,PID,NET} | CLONE_NEWTIME
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C
-SELF, ZERO = "self", 0
 
 
 def seccomp_rules(names, pid, no_writes):
@@ -125,15 +122,14 @@ def seccomp_rules(names, pid, no_writes):
     return rules
 
 
-def seccomp_program(arch, rules, pid):
-    """A classic-BPF seccomp filter (list of (code, jt, jf, k)) for these rules; default allow."""
-    LD, JEQ, JGE, JSET, AND, RET, JA = 0x20, 0x15, 0x35, 0x45, 0x54, 0x06, 0x05
+def seccomp_program(arch, rules):
+    """A classic-BPF seccomp filter (list of (code, jt, jf, k)) for these rules; default allow. A
+    foreign architecture is killed; numbers past LAST_KNOWN (x86's x32 ones included) get ENOSYS."""
+    LD, JEQ, JGE, AND, RET, JA = 0x20, 0x15, 0x35, 0x54, 0x06, 0x05
     ALLOW, KILL, ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
     EPERM, ENOSYS = ERRNO | 1, ERRNO | 38
-    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch["arch"]), (RET, 0, 0, KILL), (LD, 0, 0, 0)]
-    if arch["arch"] == 0xC000003E:
-        prog += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, EPERM)]        # x32 numbers
-    prog += [(JGE, 0, 1, LAST_KNOWN + 1), (RET, 0, 0, ENOSYS)]
+    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch["arch"]), (RET, 0, 0, KILL), (LD, 0, 0, 0),
+            (JGE, 0, 1, LAST_KNOWN + 1), (RET, 0, 0, ENOSYS)]
     for nr, conds in rules:
         if conds is None or conds == "ENOSYS":
             body = [(RET, 0, 0, EPERM if conds is None else ENOSYS)]
@@ -144,8 +140,7 @@ def seccomp_program(arch, rules, pid):
                 if mask is not None:
                     body.append((AND, 0, 0, mask))
                 if values[0] == "!":                     # allowed unless equal to one of these
-                    for j, v in enumerate(values[1:]):
-                        body.append((JEQ, "fail", 0, v))
+                    body += [(JEQ, "fail", 0, v) for v in values[1:]]
                 else:
                     for j, v in enumerate(values):
                         body.append((JEQ, len(values) - j, 0, v))
@@ -168,7 +163,6 @@ class Kernel:
 
     def __init__(self):
         import ctypes
-        import os
         self.ct = ctypes
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.libc.syscall.restype = ctypes.c_long
@@ -179,7 +173,7 @@ class Kernel:
         r = fn(*[a if isinstance(a, (ct.c_char_p, ct.c_void_p)) or a is None else ct.c_long(a) for a in args])
         if r < 0:
             err = ct.get_errno()
-            raise OSError(err, "%s: %s" % (what, __import__("os").strerror(err)))
+            raise OSError(err, "%s: %s" % (what, os.strerror(err)))
         return r
 
     def syscall(self, name, *args):
@@ -199,12 +193,10 @@ class Kernel:
         self.call("mount %s" % target, self.libc.mount, c(src), c(target.encode()), c(fstype), flags, c(data))
 
     def all_mounts_read_only(self):
-        import struct
         attr, addr = self.buf(struct.pack("QQQQ", 1, 0, 0, 0))      # MOUNT_ATTR_RDONLY
         self.syscall("mount_setattr", -100, self.ct.c_char_p(b"/"), 0x8000, addr, 32)   # AT_FDCWD, AT_RECURSIVE
 
     def drop_capabilities(self):
-        import struct
         hdr, hdr_addr = self.buf(struct.pack("Ii", 0x20080522, 0))   # _LINUX_CAPABILITY_VERSION_3, this thread
         data, data_addr = self.buf(bytes(24))
         self.syscall("capset", hdr_addr, data_addr)
@@ -212,8 +204,6 @@ class Kernel:
 
     def landlock(self, abi, rules):
         """Restrict this process to `rules` [(path, rights)]; everything of the ABI not granted is denied."""
-        import os
-        import struct
         fs = (1 << 13) - 1 | (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0) | (1 << 15 if abi >= 5 else 0)
         net = 3 if abi >= 4 else 0                   # bind and connect TCP: no rule grants them
         scoped = 3 if abi >= 6 else 0                # abstract unix sockets and signals outside the domain
@@ -241,7 +231,6 @@ class Kernel:
             os.close(ruleset)
 
     def seccomp(self, prog):
-        import struct
         raw = b"".join(struct.pack("HBBI", c, jt, jf, k) for c, jt, jf, k in prog)
         filt, faddr = self.buf(raw)
         fprog, paddr = self.buf(struct.pack("HxxxxxxQ", len(prog), faddr))
@@ -259,7 +248,6 @@ def landlock_rules(cfg):
     """Reads: the system's libraries and this interpreter's standard library, /proc (other processes'
     memory and environment stay closed: Landlock refuses ptrace-class access out of the domain) and
     the scratch directory; writes: the scratch directory, only where the private mounts bound it."""
-    import os
     rules = [(p, READ) for p in READ_PATHS]
     rules += [(p, READ) for p in sys.path if p] + [(os.path.dirname(os.__file__), READ)]
     rules.append(("/dev/null", 2 | (1 << 14)))
@@ -275,7 +263,6 @@ def private_mounts(cfg, kernel):
     """Namespaced layouts, in the judge before the fork: every mount read-only, the world-writable
     directories covered by empty read-only tmpfs, /dev reduced to null/zero/full/random/urandom, and
     the scratch directory a fresh tmpfs of scratch_bytes (the only writable place; the total quota)."""
-    import os
     if os.readlink("/proc/self/ns/mnt") == cfg["host_mnt_ns"]:
         raise RuntimeError("the mount namespace is the host's; refusing to mount")
     RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, MOVE = 1, 2, 4, 8, 32, 4096, 8192

@@ -157,7 +157,7 @@ def worker_main(cfg, kernel, code_src, rpc_r, rpc_w):
         rules = seccomp_rules(kernel.arch or {}, pid, no_writes=not cfg["namespaces"])
         if kernel.arch is None:
             raise RuntimeError("no seccomp table for this architecture")
-        kernel.seccomp(seccomp_program(kernel.arch, rules, pid))
+        kernel.seccomp(seccomp_program(kernel.arch, rules))
     except BaseException as e:
         send_raw("setup_failed", describe(e))
         os._exit(3)

@@ -136,7 +136,7 @@ def test_codec_round_trips_plain_values_and_lends_the_rest():
 def test_seccomp_program_is_well_formed():
     for arch, names in C.SYSCALLS.items():
         for no_writes in (False, True):
-            prog = C.seccomp_program(names, C.seccomp_rules(names, 1234, no_writes), 1234)
+            prog = C.seccomp_program(names, C.seccomp_rules(names, 1234, no_writes))
             assert 10 < len(prog) < 4096
             for i, (code, jt, jf, k) in enumerate(prog):
                 if code & 0x07 == 0x05:                  # jumps stay inside the program
