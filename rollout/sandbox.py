@@ -103,12 +103,15 @@ import os
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
+
+from rollout import sandbox_harness   # the judge's code; importing it caches its bytecode
 
 NOBODY = 65534            # uid and gid the code runs as when the caller is root
 NPROC_LIMIT = 16          # processes + threads of uid 65534 (all runs together)
@@ -147,7 +150,7 @@ class SandboxMode:
     landlock: int | None = None   # Landlock ABI to use: None = what the kernel offers, 0 = none
 
 
-HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_harness.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
 PROBE_CODE = "import fractions, os\nx = fractions.Fraction(1, 2)\nuid = os.getuid()\nstatus = open('/proc/self/status').read()\n"
 PROBE_TESTS = "assert x == 0.5\nassert uid == {uid}\nassert 'NoNewPrivs:\\t1' in status and 'Seccomp:\\t2' in status\n"
 _LANDLOCK: int | None = None
@@ -257,6 +260,32 @@ def _exit_reason(code) -> str:
     return f"exited with status {code} before reporting a result"
 
 
+_PYC: list | None = None
+
+
+def _bytecode_flags() -> list:
+    """The judge compiles ~1200 lines of harness on every start (~12 ms, a third of a run) unless it
+    may keep the bytecode: in a cache directory of our own (uid-owned, mode 0700, not a link), where
+    only the judge writes, before it forks; the worker can write no file there in any layout (no
+    writes outside a private read-only mount namespace, and the namespaced judge has mounted /tmp
+    away by then). Without such a directory: -B, and compile every time."""
+    global _PYC
+    if _PYC is None:
+        _PYC = ["-B"]
+        if SCRATCH_BASE:
+            path = os.path.join(SCRATCH_BASE, f"posttrain-pyc-{os.getuid()}")
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                pass
+            except OSError:
+                return _PYC
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700:
+                _PYC = ["-X", f"pycache_prefix={path}"]
+    return _PYC
+
+
 def _frame(text: str) -> bytes:
     data = text.encode("utf-8", "surrogatepass")
     return b"%016d" % len(data) + data
@@ -286,7 +315,8 @@ def _run(code: str, tests: list, timeout: float, memory_mb: int, max_output: int
             "drop_uid": NOBODY if mode.drop_uid else None, "blocked_modules": list(BLOCKED_MODULES),
             "audit_hook": AUDIT_HOOK,
         }
-        argv = [mode.python, "-I", "-S", "-B", "-X", "utf8", HARNESS, json.dumps(cfg)]
+        argv = [mode.python, "-I", "-S", *_bytecode_flags(), "-X", "utf8", "-c", sandbox_harness.BOOT, HERE,
+                json.dumps(cfg)]
         if mode.namespaces:
             argv = [mode.unshare, "--net", "--pid", "--ipc", "--fork", "--kill-child", "--mount-proc", "--"] + argv
         env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",

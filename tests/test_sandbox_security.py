@@ -73,20 +73,25 @@ def test_the_code_cannot_kill_processes_of_the_same_user(mode, victim):
 
 
 @pytest.mark.parametrize("mode", LAYOUTS)
-@pytest.mark.parametrize("how", ["mkfifo", "mknod", "sqlite3", "readline"])
+@pytest.mark.parametrize("how", ["mkfifo", "mknod", "sqlite3", "readline", "dir_fd", "tempfile", "shutil"])
 def test_no_file_appears_outside_the_scratch_directory(mode, how):
     target = f"/tmp/sandbox-escape-{how}-{uuid.uuid4().hex}"
+    name = os.path.basename(target)
     code = {"mkfifo": f"import os\nos.mkfifo({target!r})",
             "mknod": f"import os, stat\nos.mknod({target!r}, 0o644 | stat.S_IFREG)",
             "sqlite3": f"import sqlite3\nsqlite3.connect({target!r}).execute('create table t (x)')",
-            "readline": f"import readline\nreadline.add_history('import os')\nreadline.write_history_file({target!r})"}[how]
+            "readline": f"import readline\nreadline.add_history('import os')\nreadline.write_history_file({target!r})",
+            "dir_fd": f"import os\nd = os.open('/tmp', os.O_RDONLY)\nos.close(os.open({name!r}, os.O_CREAT | os.O_WRONLY, dir_fd=d))",
+            "tempfile": f"import tempfile\ntempfile.mkstemp(dir='/tmp', prefix={name!r})",
+            "shutil": f"import shutil\nshutil.copy('/etc/os-release', {target!r})"}[how]
     try:
         r = run(code, mode=mode)
-        assert not os.path.lexists(target), f"{how} created {target}: {r}"
+        made = [f for f in os.listdir("/tmp") if f.startswith(name)]
+        assert made == [], f"{how} created {made} in /tmp: {r}"
         assert not r.ok, r
     finally:
-        if os.path.lexists(target):
-            os.unlink(target)
+        for leftover in [f for f in os.listdir("/tmp") if f.startswith(name)]:
+            os.unlink(os.path.join("/tmp", leftover))
 
 
 def test_the_code_cannot_leave_the_process_group_and_outlive_the_run():
@@ -388,18 +393,21 @@ def test_native_calls_cannot_reach_other_processes_or_the_kernel(mode, victim, m
 def test_native_writes_stay_in_the_scratch_directory(mode, world_writable_dir, monkeypatch):
     monkeypatch.setattr(sandbox, "AUDIT_HOOK", False, raising=False)
     target = os.path.join(world_writable_dir, "x")
+    pyc = f"/tmp/posttrain-pyc-{os.getuid()}/sandbox_harness.cpython-311.pyc"   # the judge's bytecode cache
     code = NATIVE + f"""
 import os
 errors = []
-for path in ({target!r}, '/tmp/sandbox-native-' + str(os.getpid()), '/dev/shm/sandbox-native'):
-    try:
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY))
+for path, flags in (({target!r}, os.O_CREAT | os.O_WRONLY), ('/tmp/sandbox-native-' + str(os.getpid()), os.O_CREAT),
+                    ('/dev/shm/sandbox-native', os.O_CREAT | os.O_RDWR), ('/proc/self/mem', os.O_RDWR),
+                    ({pyc!r}, os.O_CREAT | os.O_WRONLY)):
+    try:                                 # (our own memory: it holds the audit hook; the judge's bytecode)
+        os.close(os.open(path, flags))
     except OSError as e:
         errors.append(e.errno)
 """
-    r = run(code, "assert reached_native\nassert len(errors) == 3", mode=mode)
+    r = run(code, "assert reached_native\nassert len(errors) == 5", mode=mode)
     assert r.ok and r.score == 1.0, r
-    assert os.listdir(world_writable_dir) == []
+    assert os.listdir(world_writable_dir) == [] and not os.path.exists(pyc)
 
 
 def test_threads_still_work_under_the_filter():
