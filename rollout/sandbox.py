@@ -15,10 +15,11 @@ where any name they do not define and that is not a builtin is the program's glo
 How a run is built (rollout/sandbox_harness.py; the layout is found once per process by `sandbox_mode()`):
 
     caller ──Popen(new session)──> [unshare --net --pid --ipc --mount-proc --fork --kill-child]
-                                     └─ judge: python -I -S -B sandbox_harness.py ──fork──> worker
+                                     └─ judge: python -I -S -c BOOT (sandbox_harness.py) ──fork──> worker
 
   caller  sends the code, then the tests, on the judge's stdin; reads stdout+stderr (capped) and the
           judge's result pipe; SIGKILLs the process group at the deadline; deletes the scratch dir.
+          The judge's bytecode is cached in /tmp/posttrain-pyc-UID (see _bytecode_flags).
   judge   (trusted, never runs the code) reads the code, makes the private mounts (namespaced
           layouts), forks the worker, and only then reads the tests; it makes itself non-dumpable and
           runs the tests in its own interpreter. Values of the program reach it as plain data (None,
