@@ -84,7 +84,8 @@ def extract_code(completion: str) -> str:
 
 
 def code_results(completions, tests, timeout: float = 5.0, memory_mb: int = 256, max_workers: int = 4):
-    """SandboxResult per completion, runs in parallel (each in its own sandboxed process)."""
+    """SandboxResult per completion, runs in parallel (each in its own sandboxed processes).
+    RuntimeError (one line) where no sandbox layout can contain untrusted code on this machine."""
     tests = ["\n".join(t) if isinstance(t, (list, tuple)) else t for t in tests]
     jobs = [(extract_code(c), t) for c, t in zip(completions, tests)]
     if not jobs:

@@ -3,8 +3,9 @@ partial programs are counted; infinite loops, memory bombs, fork bombs, writes o
 directory, output floods and network access end as ok=False with a reason, within the timeout plus
 a small margin, and the caller (this test process) carries on.
 
-The fork bomb is safe to run: the audit hook refuses the first fork in every layout, and under the
-namespaced layout RLIMIT_NPROC (uid 65534) and the pid namespace bound and reap whatever forks."""
+The fork bomb is safe to run: the audit hook refuses the first fork and, under it, the seccomp filter
+refuses every fork in every layout (tests/test_sandbox_security.py covers the attacks on the sandbox
+itself, tests/test_sandbox_judge.py how the tests see the program's values)."""
 import os
 import shutil
 import subprocess
