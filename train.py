@@ -61,19 +61,13 @@ def main(raw) -> dict:
 def check_run_dir(argv: list[str]) -> None:
     """Hydra creates the run directory before main() runs and answers a read-only or impossible path
     with a traceback: try it first and say it in one line."""
-    import os
+    from trainer.run import check_writable
 
     given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
-    path = given[-1] if given else "runs"
-    probe = os.path.join(path, f".write-test-{os.getpid()}")
     try:
-        os.makedirs(path, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        print(f"error: {path}: cannot create or write the run directory ({e.strerror}); choose another with "
-              "hydra.run.dir=DIR", file=sys.stderr)
+        check_writable(given[-1] if given else "runs")
+    except ValueError as e:
+        print(f"error: {e}; choose another with hydra.run.dir=DIR", file=sys.stderr)
         sys.exit(1)
 
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import torch
 
-from losses.common import masked_mean, masked_sum
+from losses.common import masked_mean, masked_sum, policy_inputs, token_normaliser
 
 
 def cispo_loss(logps, old_logps, advantages, mask, epsilon_low: float | None = None, epsilon_high: float = 4.0,
@@ -57,29 +57,13 @@ def cispo_loss(logps, old_logps, advantages, mask, epsilon_low: float | None = N
         raise ValueError(f"epsilon_low must be in [0, 1] (the weight floor 1 − epsilon_low) or None, got {epsilon_low}")
     if epsilon_high < 0:
         raise ValueError(f"epsilon_high must be >= 0 (the weight cap is 1 + epsilon_high), got {epsilon_high}")
-    if logps.dim() != 2 or mask.shape != logps.shape:
-        raise ValueError(f"logps and mask must both be (N, T), got {tuple(logps.shape)} and {tuple(mask.shape)}")
-    if advantages.shape not in (logps.shape[:1], logps.shape):
-        raise ValueError(f"advantages must be (N,) = ({logps.shape[0]},) or (N, T) = {tuple(logps.shape)}, "
-                         f"got {tuple(advantages.shape)}")
-    if old_logps is None:
-        old_logps = logps.detach()
-    keep = mask.bool()
-    mask = mask.to(logps.dtype)
-    adv = advantages.to(logps.dtype)
-    adv = adv[:, None] if adv.dim() == 1 else torch.where(keep, adv, 0.0)  # padding may hold anything
+    old_logps, keep, mask, adv = policy_inputs(logps, old_logps, advantages, mask)
 
     ratio = torch.exp(torch.where(keep, logps - old_logps, 0.0)).detach()
     floor = None if epsilon_low is None else 1 - epsilon_low
     weight = torch.clamp(ratio, min=floor, max=1 + epsilon_high)
     per_token = -weight * adv * torch.where(keep, logps, 0.0)
-    if num_items_in_batch is None:
-        num_items_in_batch = mask.sum()
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(logps.dtype).clamp(min=1)
-    else:
-        num_items_in_batch = max(float(num_items_in_batch), 1.0)
-    loss = masked_sum(per_token, mask) / num_items_in_batch
+    loss = masked_sum(per_token, mask) / token_normaliser(num_items_in_batch, mask.sum())
 
     with torch.no_grad():
         low = (ratio < floor) if floor is not None else torch.zeros_like(keep)

@@ -28,6 +28,36 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1)
 
 
+def token_normaliser(num_items_in_batch, count: torch.Tensor):
+    """What a token-sum loss divides by: the whole generation batch's completion tokens when the feed
+    gives them (`num_items_in_batch`, so micro-batch losses add up to one token mean), else this call's
+    `count`; never below 1."""
+    if num_items_in_batch is None:
+        num_items_in_batch = count
+    if torch.is_tensor(num_items_in_batch):
+        return num_items_in_batch.to(count.dtype).clamp(min=1)
+    return max(float(num_items_in_batch), 1.0)
+
+
+def policy_inputs(logps, old_logps, advantages, mask, token_advantages: bool = True):
+    """The checked, aligned inputs of a clipped policy-gradient loss -> (old_logps, keep, mask, adv).
+
+    logps/old_logps/mask (N, T); advantages (N,) per completion, or (N, T) per token when
+    `token_advantages`. old_logps=None means the first on-policy step (old = logps.detach()).
+    adv is (N, 1) or (N, T) with padding zeroed; mask is in logps' dtype and keep is its bool.
+    """
+    if logps.dim() != 2 or mask.shape != logps.shape:
+        raise ValueError(f"logps and mask must both be (N, T), got {tuple(logps.shape)} and {tuple(mask.shape)}")
+    shapes = (logps.shape[:1], logps.shape) if token_advantages else (logps.shape[:1],)
+    if advantages.shape not in shapes:
+        raise ValueError(f"advantages must be {' or '.join(str(tuple(x)) for x in shapes)}, got {tuple(advantages.shape)}")
+    old_logps = logps.detach() if old_logps is None else old_logps
+    keep = mask.bool()
+    adv = advantages.to(logps.dtype)
+    adv = adv[:, None] if adv.dim() == 1 else torch.where(keep, adv, 0.0)  # padding may hold anything
+    return old_logps, keep, mask.to(logps.dtype), adv
+
+
 def _chunk_logits(h, weight, temperature: float):
     logits = h @ weight.t()
     if logits.dtype in (torch.float16, torch.bfloat16):

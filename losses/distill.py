@@ -65,15 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from losses.common import CHUNK_ELEMENTS, masked_mean, masked_sum
-
-
-def _normaliser(num_items_in_batch, count: torch.Tensor) -> torch.Tensor | float:
-    if num_items_in_batch is None:
-        num_items_in_batch = count
-    if torch.is_tensor(num_items_in_batch):
-        return num_items_in_batch.to(count.dtype).clamp(min=1)
-    return max(float(num_items_in_batch), 1.0)
+from losses.common import CHUNK_ELEMENTS, masked_mean, masked_sum, token_normaliser
 
 
 def _check_shapes(logps, mask, **others):
@@ -106,7 +98,7 @@ def opd_loss(logps, old_logps, teacher_logps, mask, coef: float = 1.0, num_items
     mask = mask.to(logps.dtype)
     adv = opd_advantages(old_logps, teacher_logps, mask, coef).to(logps.dtype)
     ratio = torch.exp(torch.where(keep, logps - old_logps, 0.0))
-    loss = masked_sum(-ratio * adv, mask) / _normaliser(num_items_in_batch, mask.sum())
+    loss = masked_sum(-ratio * adv, mask) / token_normaliser(num_items_in_batch, mask.sum())
     with torch.no_grad():
         metrics = {
             "loss": loss.detach(),
@@ -198,7 +190,7 @@ def gkd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, mas
         divs.append(d)
         kls.append(k)
     div = torch.cat(divs)
-    loss = div.sum() / _normaliser(num_items_in_batch, sel.sum().to(div.dtype))
+    loss = div.sum() / token_normaliser(num_items_in_batch, sel.sum().to(div.dtype))
     with torch.no_grad():
         kl = torch.cat(kls).mean(0)
         metrics = {"loss": loss.detach(), "jsd": div.mean(), "reverse_kl": kl[0], "forward_kl": kl[1]}

@@ -54,7 +54,7 @@ from typing import Literal
 import torch
 
 from losses.advantages import SCALE_REWARDS, _grouped, group_advantages  # noqa: F401  (re-exported: callers import them from here)
-from losses.common import masked_mean, masked_sum
+from losses.common import masked_mean, masked_sum, token_normaliser
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 LOSS_TYPES = typing.get_args(LossType)
@@ -104,13 +104,7 @@ def grpo_loss(logps, old_logps, advantages, mask, ref_logps=None, beta: float = 
             raise ValueError(f"max_completion_length must be > 0, got {L}")
         loss = masked_sum(per_token, mask) / (logps.shape[0] * L)
     else:  # dapo
-        if num_items_in_batch is None:
-            num_items_in_batch = mask.sum()
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(logps.dtype).clamp(min=1)
-        else:
-            num_items_in_batch = max(float(num_items_in_batch), 1.0)
-        loss = masked_sum(per_token, mask) / num_items_in_batch
+        loss = masked_sum(per_token, mask) / token_normaliser(num_items_in_batch, mask.sum())
 
     with torch.no_grad():
         low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(mask.dtype)

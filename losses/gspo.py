@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from losses.common import masked_mean
+from losses.common import masked_mean, policy_inputs
 
 
 def gspo_loss(logps, old_logps, advantages, mask, epsilon_low: float = 3e-4, epsilon_high: float = 4e-4):
@@ -52,17 +52,7 @@ def gspo_loss(logps, old_logps, advantages, mask, epsilon_low: float = 3e-4, eps
     """
     if epsilon_low < 0 or epsilon_high < 0:
         raise ValueError(f"clip epsilons must be >= 0, got epsilon_low={epsilon_low}, epsilon_high={epsilon_high}")
-    if logps.dim() != 2 or mask.shape != logps.shape:
-        raise ValueError(f"logps and mask must both be (N, T), got {tuple(logps.shape)} and {tuple(mask.shape)}")
-    if advantages.shape not in (logps.shape[:1], logps.shape):
-        raise ValueError(f"advantages must be (N,) = ({logps.shape[0]},) for GSPO or (N, T) = {tuple(logps.shape)} "
-                         f"for GSPO-token, got {tuple(advantages.shape)}")
-    if old_logps is None:
-        old_logps = logps.detach()
-    keep = mask.bool()
-    mask = mask.to(logps.dtype)
-    adv = advantages.to(logps.dtype)
-    adv = adv[:, None] if adv.dim() == 1 else torch.where(keep, adv, 0.0)  # padding may hold anything
+    old_logps, keep, mask, adv = policy_inputs(logps, old_logps, advantages, mask)  # (N, T) adv: GSPO-token
 
     log_ratio = torch.where(keep, logps - old_logps, 0.0)
     log_s = masked_mean(log_ratio, mask, dim=-1).detach()            # (N,) log s_i

@@ -26,19 +26,13 @@ import importlib
 import inspect
 
 from data.formats import read_jsonl
+from trainer.config import registrar
 
 TASKS: dict[str, type] = {}
 
 
-def register_task(name: str):
-    """Class decorator: a held-out task under `name` (the data.eval key that selects it by default)."""
-    def deco(cls):
-        if name in TASKS and TASKS[name] is not cls:
-            raise ValueError(f"a task named {name!r} is already registered ({TASKS[name].__qualname__})")
-        TASKS[name] = cls
-        cls.name = name
-        return cls
-    return deco
+# class decorator: a held-out task under `name` (the data.eval key that selects it by default)
+register_task = registrar(TASKS, "a task named", "name")
 
 
 def get_task(name: str) -> type:

@@ -19,6 +19,7 @@ import pytest
 
 import rollout.sandbox as sandbox
 from rollout.sandbox import SandboxMode, run_code, sandbox_mode
+from test_sandbox import leftover_sandbox_processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASIC = SandboxMode(namespaces=False, drop_uid=False, python=sys.executable)
@@ -47,18 +48,6 @@ def world_writable_dir():
     os.chmod(d, 0o1777)
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-def leftover_sandbox_processes():
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"posttrain-sandbox-" in f.read():
-                    found.append(pid)
-        except OSError:
-            pass
-    return found
 
 
 # ------------------------------------------------------------------ item 2: the layout a normal user gets

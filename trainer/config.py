@@ -313,15 +313,22 @@ GROUPS = {"method": None, "model": ModelOptions, "data": DataOptions, "lora": Lo
 OPTIONS: dict[str, type] = {}  # kind -> its options dataclass (feeds and programs register here)
 
 
-def register_options(kind: str):
-    """Class decorator: the options dataclass of a batch kind or program, stored as Hydra's `_<kind>`."""
-    def deco(cls):
-        if kind in OPTIONS and OPTIONS[kind] is not cls:
-            raise ValueError(f"options for kind {kind!r} are already registered ({OPTIONS[kind].__qualname__})")
-        OPTIONS[kind] = cls
-        cls.KIND = kind
-        return cls
-    return deco
+def registrar(table: dict, what: str, attr: str):
+    """`register(name)`, a decorator that adds a class to `table` under a name no other class has,
+    and records the name on the class as `attr` (the feeds', tasks' and kinds' registries)."""
+    def register(name: str):
+        def deco(cls):
+            if name in table and table[name] is not cls:
+                raise ValueError(f"{what} {name!r} is already registered ({table[name].__qualname__})")
+            table[name] = cls
+            setattr(cls, attr, name)
+            return cls
+        return deco
+    return register
+
+
+# Class decorator: the options dataclass of a batch kind or program, stored as Hydra's `_<kind>`.
+register_options = registrar(OPTIONS, "options for kind", "KIND")
 
 
 def _load_kinds() -> None:

@@ -41,7 +41,7 @@ def check_writable(run_dir: str, need_bytes: int = 0) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"{run_dir}: the run directory is not writable ({e.strerror})") from None
+        raise ValueError(f"{run_dir}: cannot create or write the run directory ({e.strerror})") from None
     free = shutil.disk_usage(run_dir).free
     if need_bytes and free < need_bytes:
         raise ValueError(f"{run_dir}: {free / 2**20:.0f} MiB free, the final model needs about "

@@ -34,20 +34,12 @@ from dataclasses import dataclass, field
 import torch
 
 from losses import resolve_loss
-from trainer.config import ConfigError, TrainMethod, opt
+from trainer.config import ConfigError, TrainMethod, opt, registrar
 
 FEEDS: dict[str, type] = {}
 
 
-def register_feed(kind: str):
-    """Class decorator: the Feed of batch kind `kind`."""
-    def deco(cls):
-        if kind in FEEDS and FEEDS[kind] is not cls:
-            raise ValueError(f"a feed for kind {kind!r} is already registered ({FEEDS[kind].__qualname__})")
-        FEEDS[kind] = cls
-        cls.kind = kind
-        return cls
-    return deco
+register_feed = registrar(FEEDS, "a feed for kind", "kind")  # class decorator: the Feed of a batch kind
 
 
 def get_feed(kind: str) -> type:

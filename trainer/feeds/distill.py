@@ -31,8 +31,8 @@ from rollout.episode import Episode, stack
 from rollout.sampler import generate
 from trainer import distributed
 from trainer.config import ConfigError, opt, register_options
-from trainer.feeds import Step, register_feed
-from trainer.feeds.rollouts import RolloutFeed, RolloutMethod, micro_batch_weights
+from trainer.feeds import register_feed
+from trainer.feeds.rollouts import RolloutFeed, RolloutMethod
 from trainer.forward import completion_states, policy_logprobs, shared_prompt_logprobs
 from trainer.paths import repo_path
 
@@ -103,16 +103,6 @@ class DistillFeed(RolloutFeed):
                         "completion_length/mean": roll.mask.sum(1).mean().item(),
                         "truncated_ratio": roll.truncated.float().mean().item(), "rollout_s": time.perf_counter() - t0})
         return episodes, metrics
-
-    def next_step(self, model) -> Step:
-        if self.batch is None or self.uses >= self.m.num_iterations:
-            self.batch, self.uses = self.collect(model), 0
-        self.uses += 1
-        episodes, metrics = self.batch
-        mb = self.m.micro_batch_size
-        micro = [episodes[i:i + mb] for i in range(0, len(episodes), mb)]
-        self.num_items = distributed.total(sum(float(e.mask.sum()) for e in episodes))
-        return Step(micro, micro_batch_weights(micro, self.normaliser, self.world), dict(metrics))
 
     def loss_inputs(self, model, ref, micro: list[Episode]):
         tok, dev, T = self.tok, self.device, self.m.temperature
