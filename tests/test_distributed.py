@@ -26,7 +26,10 @@ def train(run_dir, *overrides, nproc=1):
     cmd = [*launch, os.path.join(REPO, "train.py"), f"hydra.run.dir={run_dir}", *overrides]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # the failing rank's one-line "error: ..." comes first: the tail alone is torchrun's ChildFailedError
+    # report and the other rank's gloo "Connection closed by peer", which push the cause out of it
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 0, "\n".join(errors) + "\n" + out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
 

@@ -118,6 +118,35 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
     assert sorted(os.listdir(root)) == ["step_00000001", "step_00000003", "writing"]
 
 
+def test_a_save_never_opens_files_another_rank_is_still_writing(tmp_path, monkeypatch):
+    # Under torchrun every rank writes into the same .tmp-step_* directory at once, and safetensors
+    # writes through a `.tmpXXXXXX` file that it renames when done: an entry a rank lists can be gone
+    # when it opens it. Walking the directory to fsync it failed the run ("No such file or directory:
+    # .../.tmp-step_00000002/.tmpRa7n5D", one rank exits 1) when the ranks drifted apart under load.
+    # Planted here: rank 1's in-flight temp file, already renamed away (a name that no longer opens).
+    from trainer import checkpoint
+
+    root = str(tmp_path / "checkpoints")
+    real_save_file = checkpoint.save_file
+
+    def save_file_beside_rank1(tensors, path):
+        stale = os.path.join(os.path.dirname(path), ".tmpRank1")
+        if not os.path.lexists(stale):
+            os.symlink(os.path.join(os.path.dirname(path), "model_rank1.safetensors.gone"), stale)
+        return real_save_file(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", save_file_beside_rank1)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    path = checkpoint.save(root, 1, model, opt, {"step": 1})
+    assert path == os.path.join(root, "step_00000001") and os.path.isfile(os.path.join(path, "model_rank0.safetensors"))
+    fresh = torch.nn.Linear(4, 4)
+    assert checkpoint.load(path, fresh, torch.optim.AdamW(fresh.parameters())) == {"step": 1, "world": 1}
+    assert torch.equal(fresh.weight, model.weight)
+
+
 NAN_LOSS = """
 import torch
 from losses.sft import sft_loss

@@ -14,7 +14,10 @@ stranger sent cannot run code. torch.distributed.checkpoint is not used because 
 file is a pickle; torch.load is not used at all.
 
 Why it is crash-safe: everything is written into `DIR/checkpoints/.tmp-step_00000040`, each file is
-fsync'ed, and only then is the directory renamed to `step_00000040` (rename is atomic on POSIX). A run
+fsync'ed by the rank that wrote it (never by walking the directory: another rank may be writing into it,
+and safetensors writes through a `.tmpXXXXXX` file that it renames, so an entry listed a moment ago
+can be gone when it is opened), then the directory itself, and only then is the directory renamed to
+`step_00000040` (rename is atomic on POSIX). A run
 killed at any instant leaves either the new complete checkpoint or none; `latest()` never looks at
 `.tmp-*` directories and the next save deletes them. After a new checkpoint is complete the oldest
 ones beyond `keep` are removed, so the previous one survives until its successor exists.
@@ -106,13 +109,15 @@ def from_plain(obj, tensors: dict, where: str):
     return obj
 
 
-def write_state(directory: str, name: str, state: dict) -> None:
-    """`name`.json + `name`.safetensors: the state as data."""
+def write_state(directory: str, name: str, state: dict) -> list[str]:
+    """`name`.json + `name`.safetensors: the state as data. Returns the two paths."""
     tensors: dict = {}
     plain = to_plain(state, tensors)
-    save_file(tensors, os.path.join(directory, f"{name}.safetensors"))
-    with open(os.path.join(directory, f"{name}.json"), "w", encoding="utf-8") as f:
+    paths = [os.path.join(directory, f"{name}.safetensors"), os.path.join(directory, f"{name}.json")]
+    save_file(tensors, paths[0])
+    with open(paths[1], "w", encoding="utf-8") as f:
         json.dump({"format": FORMAT, "state": plain}, f)
+    return paths
 
 
 def read_state(directory: str, name: str) -> dict:
@@ -137,14 +142,13 @@ def nonfinite_parameters(model) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(_local(p)).all()]
 
 
-def _fsync_tree(path: str) -> None:
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+def _fsync(path: str) -> None:
+    """Flush a file, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save(root: str, step: int, model, optimizer, trainer_state: dict, keep: int = 2) -> str:
@@ -160,16 +164,19 @@ def save(root: str, step: int, model, optimizer, trainer_state: dict, keep: int 
     distributed.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_SAVE)
     r = distributed.rank()
-    save_file({k: _local(v).detach().cpu().contiguous() for k, v in model_sd.items()},
-              os.path.join(tmp, f"model_rank{r}.safetensors"))
-    write_state(tmp, f"optim_rank{r}", optim_sd)
-    write_state(tmp, f"state_rank{r}", {**trainer_state, "world": distributed.world_size()})
-    _fsync_tree(tmp)
+    weights = os.path.join(tmp, f"model_rank{r}.safetensors")
+    save_file({k: _local(v).detach().cpu().contiguous() for k, v in model_sd.items()}, weights)
+    written = [weights, *write_state(tmp, f"optim_rank{r}", optim_sd),
+               *write_state(tmp, f"state_rank{r}", {**trainer_state, "world": distributed.world_size()})]
+    for path in written:  # this rank's own files only: the others may still be writing theirs (see above)
+        _fsync(path)
     distributed.barrier()
     if distributed.is_main():
+        _fsync(tmp)  # every rank's entries, now that all are written
         if os.path.exists(final):  # the same step saved again (a resumed run): the new one wins
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(root)  # the rename itself
         if keep > 0:
             for old in sorted(glob.glob(os.path.join(root, f"{PREFIX}*")))[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
