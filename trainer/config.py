@@ -259,7 +259,14 @@ class DataOptions:
     train: str | None = opt(None, "training file; null: data.files[method.data_format]")
     max_length: int = opt(256, "tokens per example; longer ones are truncated and counted", min=1)
     files: dict[str, str] = opt({}, "training file per data format")
-    eval: dict[str, Any] = opt({}, "held-out sets: NAME: FILE (task NAME), or NAME: {task, path, ...}, null skips")
+    eval: dict[str, Any] = opt({}, "held-out sets: NAME: FILE (task NAME), or NAME: {task, path, split, subset, "
+                                   "columns, ...}, null skips")
+    split: str = opt("train", "split of a dataset source (parquet/arrow/CSV/JSON file, save_to_disk dir, hub id)")
+    subset: str | None = opt(None, "config name of a hub dataset (datasets.load_dataset's second argument)")
+    columns: dict[str, str] | None = opt(None, "seed-format field -> dataset column, e.g. "
+                                               "{prompt: question, answer: final_answer}")
+    streaming: bool = opt(False, "dataset sources: validate in batches and read rows lazily from the memory-mapped "
+                                 "Arrow files instead of holding them in memory")
 
 
 @dataclass

@@ -19,6 +19,7 @@ import shutil
 
 import torch
 
+from data import hf
 from evaluation.metrics import Evaluator, check_gates, gate_line, held_out_sets
 from trainer import checkpoint, distributed
 from trainer.feeds import get_feed
@@ -78,6 +79,8 @@ def setup(cfg, run_dir: str):
     from model.load import resolve_device, resolve_dtype
 
     seed_everything(cfg.seed)
+    hf.configure(cfg.data, {repo_path(v["path"]): v for v in held_out_sets(cfg).values()
+                            if isinstance(v, dict) and "path" in v})  # split/subset/columns of dataset sources
     device = resolve_device(cfg.device)
     dist_device = distributed.init(cfg.device)  # torchrun with WORLD_SIZE > 1: FSDP2 data parallelism
     device = dist_device or device
