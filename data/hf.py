@@ -91,8 +91,8 @@ class RowNo(int):
 def _datasets():
     try:
         import datasets
-    except ImportError:
-        raise ImportError("reading parquet / arrow / CSV / JSON files and hub datasets needs the `datasets` "
+    except ImportError:  # a ValueError: train.py prints it as one line
+        raise ValueError("reading parquet / arrow / CSV / JSON files and hub datasets needs the `datasets` "
                           "package: pip install -e \".[hf]\" (JSONL files need nothing)") from None
     datasets.disable_progress_bars()
     return datasets
