@@ -225,10 +225,9 @@ def read_records(path: str, fmt: str, require=(), group_size: int | None = None)
     return rows, rownos
 
 
-def row_count(path: str) -> int | None:
+def row_count(path: str, split: str = "train", subset: str | None = None) -> int | None:
     """Rows of a dataset source's split (for lineage.json), None when it cannot be opened."""
     try:
-        opts = options_for(path)
-        return len(open_dataset(path, opts["split"], opts["subset"]))
+        return len(open_dataset(path, split, subset))
     except Exception:  # lineage records what it can; the run itself reports unreadable data
         return None

@@ -181,9 +181,9 @@ def data_info(cfg) -> list[dict]:
         path = repo_path(given)
         entry = {"role": role, "path": given, "resolved": os.path.abspath(path) if os.path.exists(path) else None}
         if hf.is_dataset_source(path):
-            o = {**hf.options_for(path), **opts}
+            o = {"split": cfg.data.split, "subset": cfg.data.subset, "columns": cfg.data.columns, **opts}
             entry.update({"split": o["split"], "subset": o["subset"], "columns": o["columns"] or {}})
-            entry["rows"] = hf.row_count(path)
+            entry["rows"] = hf.row_count(path, o["split"], o["subset"])
             if not os.path.exists(path):
                 entry["hub_id"] = given
         elif os.path.isfile(path):
