@@ -358,6 +358,8 @@ class RunConfig:
     keep_checkpoints: int = opt(2, "newest step checkpoints kept (0: all)", min=0)
     resume: bool | str = opt(False, "true: newest checkpoint of hydra.run.dir; DIR: of that run or checkpoint")
     skip_budget: int = opt(5, "non-finite steps skipped and reported before the run stops", min=0)
+    judge: Literal["auto", "builtin", "math_verify"] = opt(
+        "auto", "math answers (math_answer reward, accuracy): math_verify if installed (auto), or force one")
 
 
 # ============================================================================ method kinds

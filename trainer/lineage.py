@@ -231,6 +231,8 @@ def parent(cfg, run_dir: str) -> dict | None:
 
 
 def build(cfg, run_dir: str, device=None) -> dict:
+    from tasks.arithmetic import active_judge
+
     pipeline = os.environ.get(PIPELINE_ENV)
     record = {
         "run_dir": os.path.abspath(run_dir),
@@ -241,6 +243,7 @@ def build(cfg, run_dir: str, device=None) -> dict:
         "data": data_info(cfg),
         "libraries": libraries(),
         "machine": machine(device),
+        "judge": active_judge(),  # the math judge actually used (judge=auto resolves by what is installed)
         "parent": parent(cfg, run_dir),
     }
     if pipeline:

@@ -21,6 +21,7 @@ import torch
 
 from data import hf
 from evaluation.metrics import Evaluator, check_gates, gate_line, held_out_sets
+from tasks.arithmetic import set_judge
 from trainer import checkpoint, distributed, lineage
 from trainer.feeds import get_feed
 from trainer.loop import train_loop
@@ -80,6 +81,7 @@ def setup(cfg, run_dir: str):
     from model.load import resolve_device, resolve_dtype
 
     seed_everything(cfg.seed)
+    set_judge(cfg.judge)  # the math judge of the reward and of accuracy, one for both
     hf.configure(cfg.data, {repo_path(v["path"]): v for v in held_out_sets(cfg).values()
                             if isinstance(v, dict) and "path" in v})  # split/subset/columns of dataset sources
     device = resolve_device(cfg.device)
