@@ -129,7 +129,8 @@ def open_dataset(path: str, split: str = "train", subset: str | None = None):
         raise DataError(f"{shown}: cannot read the {what} ({_first_line(e)})", "file") from None
     if isinstance(ds, ds_lib.DatasetDict):
         if split not in ds:
-            raise DataError(f"{shown}: no split {split!r} (data.split); the dataset has {', '.join(sorted(ds))}", "file")
+            raise DataError(f"{shown}: no split {split!r} (data.split); the dataset has {', '.join(sorted(ds))}",
+                            "file")
         ds = ds[split]
     return ds
 

@@ -14,11 +14,13 @@ from trainer.config import compose
 def test_lineage_names_code_config_model_data_libraries_and_machine(tmp_path):
     cfg = compose(["method=sft", "data.eval.style=null"])
     rec = lineage.build(cfg, str(tmp_path))
-    head = subprocess.run(["git", "-C", lineage.REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "-C", lineage.REPO, "rev-parse", "HEAD"], capture_output=True, text=True)
+    head = head.stdout.strip()
     assert rec["code"]["commit"] == head and isinstance(rec["code"]["dirty"], bool)
     assert rec["config"]["method"]["lr"] == cfg.method.lr and rec["config"]["data"]["max_length"] == 256
     st = os.path.join(lineage.REPO, "assets", "tiny-qwen3", "model.safetensors")
-    assert rec["base_model"]["safetensors"] == {"model.safetensors": hashlib.sha256(open(st, "rb").read()).hexdigest()}
+    digest = hashlib.sha256(open(st, "rb").read()).hexdigest()
+    assert rec["base_model"]["safetensors"] == {"model.safetensors": digest}
     train = next(d for d in rec["data"] if d["role"] == "train")
     path = os.path.join(lineage.REPO, "data", "synthetic", "sft_train.jsonl")
     assert train["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
@@ -84,5 +86,6 @@ def test_the_model_card_is_one_the_hub_parses(tmp_path):
     meta = card.data.to_dict()
     assert meta["base_model"] == "Qwen/Qwen3-0.6B" and meta["library_name"] == "transformers"
     assert meta["pipeline_tag"] == "text-generation" and meta["tags"] == ["posttrain", "sft"]
-    assert "| accuracy | 0.455 | 0.865 |" in card.text and "`accuracy` 0.865 (>= 0.6) PASS" in card.text
+    assert "| accuracy | 0.455 | 0.865 |" in card.text and "- gate `accuracy`: 0.865 (>= 0.6) PASS" in card.text
     assert rec["command"] in card.text and "data/synthetic/sft_train.jsonl" in card.text
+    assert "**Method:** `sft` (loss `sft`, 2 epoch(s)), full weights." in card.text

@@ -164,7 +164,8 @@ def _data_files(cfg) -> list[tuple[str, str, dict]]:
         if isinstance(spec, str):
             out.append((f"eval/{name}", spec, {}))
         elif isinstance(spec, dict) and "path" in spec:
-            out.append((f"eval/{name}", spec["path"], {k: spec[k] for k in ("split", "subset", "columns") if k in spec}))
+            own = {k: spec[k] for k in ("split", "subset", "columns") if k in spec}
+            out.append((f"eval/{name}", spec["path"], own))
     seen = {repo_path(p) for _, p, _ in out}
     for key, value in config_dict(m).items():  # method files: on-policy prompts, steering prompt sets ...
         if isinstance(value, str) and value.endswith(DATA_SUFFIXES) and repo_path(value) not in seen:
@@ -314,8 +315,9 @@ def model_card(final_dir: str, lineage: dict, results: dict) -> str:
     figures = _table([[n, before.get(n), after.get(n)] for n in names], ["metric", "before", "after"]) \
         if names else "No held-out evaluation was run."
     gates = results.get("gates") or {}
-    gate_text = ("\n\nGates: " + ", ".join(f"`{k}` {g['value']} ({'<=' if 'max' in g else '>='} {g['threshold']}) "
-                                            f"{'PASS' if g['pass'] else 'FAIL'}" for k, g in gates.items())) if gates else ""
+    gate_text = "".join(f"\n- gate `{k}`: {g['value']} ({'<=' if 'max' in g else '>='} {g['threshold']}) "
+                        f"{'PASS' if g['pass'] else 'FAIL'}" for k, g in gates.items())
+    gate_text = "\n" + gate_text if gate_text else ""
     data = _table([[d["role"], f"`{d['path']}`", d.get("rows"), (d.get("sha256") or "")[:16]] for d in lineage["data"]],
                   ["role", "file", "rows", "sha256 (first 16)"])
     base_text = f"`{base.get('path')}`" if not base.get("scratch") else "a fresh model built from scratch"
@@ -323,10 +325,13 @@ def model_card(final_dir: str, lineage: dict, results: dict) -> str:
         base_text += f" (hub `{base['hub_id']}` revision `{base['revision']}`)"
     code = lineage["code"]
     parent = lineage.get("parent")
+    m = cfg["method"]
+    length = f"{m['max_steps']} steps" if m.get("max_steps") else f"{m.get('epochs', 1)} epoch(s)"
+    weights = f"a PEFT {cfg['lora']['kind']} adapter" if adapter else "full weights"
     body = f"""# {method} model trained with posttrain
 
-**Method:** `{method}` (loss `{cfg['method'].get('loss', cfg['method'].get('kind'))}`, {cfg['method'].get('max_steps') or 'epochs'} \
-steps), {'a PEFT ' + cfg['lora']['kind'] + ' adapter' if adapter else 'full weights'}{', a sequence classifier' if classifier else ''}.
+**Method:** `{method}` (loss `{m.get('loss', m.get('kind'))}`, {length}), {weights}\
+{', a sequence classifier' if classifier else ''}.
 
 **Base model:** {base_text}.{f" Continues run `{parent['run_dir']}` ({parent['kind']})." if parent else ""}
 
