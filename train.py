@@ -45,7 +45,7 @@ def main(raw) -> dict:
             from trainer.pipeline import run_pipeline
 
             common = [f"seed={cfg.seed}", f"device={cfg.device}", f"progress={cfg.progress}",
-                      f"eval_max_examples={cfg.eval_max_examples}"]
+                      f"eval_max_examples={cfg.eval_max_examples}", *logger_overrides(cfg.logger)]
             report = run_pipeline(cfg.pipeline.stages, cfg.model.path, run_dir, common)
             if not report["passed"]:
                 sys.exit(2)
@@ -56,6 +56,20 @@ def main(raw) -> dict:
         sys.exit(1)
     finally:
         distributed.close()
+
+
+def logger_overrides(logger) -> list[str]:
+    """The run's trackers and their options as overrides for each pipeline stage."""
+    import dataclasses
+    import json
+
+    on = [f.name for f in dataclasses.fields(logger) if getattr(logger, f.name) is not None]
+    out = [f"logger=[{','.join(on)}]"] if on else []
+    for name in on:
+        for key, value in dataclasses.asdict(getattr(logger, name)).items():
+            text = "null" if value is None else json.dumps(value) if isinstance(value, list) else value
+            out.append(f"logger.{name}.{key}={text}")
+    return out
 
 
 def check_run_dir(argv: list[str]) -> None:

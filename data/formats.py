@@ -33,6 +33,8 @@ from collections import Counter
 
 import torch
 
+from data import hf
+
 # ----------------------------------------------------------------------------- errors and checks
 MAX_SHOWN = 60    # characters of a bad value shown in an error
 MAX_DEPTH = 32    # nesting of one line's JSON value (the formats need 3: object > array > object)
@@ -382,7 +384,9 @@ def parse_line(raw: bytes, where: str, first: bool = False):
 
 
 def read_records(path: str, fmt: str, require=(), group_size: int | None = None) -> tuple[list[dict], list[int]]:
-    """read_jsonl's records and the line number of each."""
+    """read_jsonl's records and the line number of each (a dataset source: data/hf.py, its row numbers)."""
+    if hf.is_dataset_source(path):  # parquet / arrow / CSV / JSON / hub id; .jsonl never goes there
+        return hf.read_records(path, fmt, require, group_size)
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; expected one of {sorted(FORMATS)}")
     shown = shown_path(path)
@@ -405,6 +409,9 @@ def read_records(path: str, fmt: str, require=(), group_size: int | None = None)
 
 def read_jsonl(path: str, fmt: str, require=(), group_size: int | None = None) -> list[dict]:
     """Every record of a JSONL file of format `fmt`, all validated before any is returned.
+
+    A parquet / arrow / CSV / JSON file, a `save_to_disk` directory or a hub id is read through
+    `datasets` (data/hf.py: `data.split`, `data.subset`, `data.columns`) and checked the same way.
 
     Blank lines are skipped; a file without any record is an error. `require`: fields the caller
     reads that the format leaves optional, e.g. `require=("answer",)` for a math reward (else a

@@ -15,7 +15,8 @@ data and the judge that reads the model cannot drift apart.
     exact_match {"prompt","answer"}             exact_match (a user's own QA set, by config)
 
 The held-out sets of a run are `data.eval` (+ `method.extra_eval`): `NAME: FILE` evaluates FILE as
-task NAME; `NAME: {task: TASK, path: FILE, OPTION: ...}` evaluates it as TASK (a registered name or
+task NAME; `NAME: {task: TASK, path: FILE, OPTION: ...}` evaluates it as TASK (`split`, `subset`, `columns`
+of a dataset source are read by data/hf.py, not passed to the task) (a registered name or
 `module:Class`), its metrics prefixed `NAME/` when NAME is not the task's own name. A new task is
 one file: a `Task` subclass registered with `@register_task("name")` (or referenced as
 `module:Class` from the config, with no registration at all).
@@ -128,7 +129,9 @@ def build_task(set_name: str, spec, max_examples: int = 200) -> Task:
         return get_task(set_name)(repo_path(spec), set_name, max_examples)
     if not isinstance(spec, dict) or "path" not in spec:
         raise ValueError(f"data.eval.{set_name}: expected a file path or {{task: NAME, path: FILE, ...}}, got {spec!r}")
-    options = {k: v for k, v in spec.items() if k not in ("task", "path")}
+    from data.hf import SOURCE_KEYS  # split/subset/columns of a dataset source: data/hf.py reads them
+
+    options = {k: v for k, v in spec.items() if k not in ("task", "path", *SOURCE_KEYS)}
     return get_task(spec.get("task", set_name))(repo_path(spec["path"]), set_name, max_examples, **options)
 
 

@@ -83,6 +83,9 @@ def _convert(tp, value, where: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and dataclasses.is_dataclass(options[0]) and isinstance(value, Mapping):
+            return build(options[0], value, where)  # name the bad key inside it, not the whole mapping
         for a in args:
             if a is type(None):
                 continue
@@ -259,7 +262,14 @@ class DataOptions:
     train: str | None = opt(None, "training file; null: data.files[method.data_format]")
     max_length: int = opt(256, "tokens per example; longer ones are truncated and counted", min=1)
     files: dict[str, str] = opt({}, "training file per data format")
-    eval: dict[str, Any] = opt({}, "held-out sets: NAME: FILE (task NAME), or NAME: {task, path, ...}, null skips")
+    eval: dict[str, Any] = opt({}, "held-out sets: NAME: FILE (task NAME), or NAME: {task, path, split, subset, "
+                                   "columns, ...}, null skips")
+    split: str = opt("train", "split of a dataset source (parquet/arrow/CSV/JSON file, save_to_disk dir, hub id)")
+    subset: str | None = opt(None, "config name of a hub dataset (datasets.load_dataset's second argument)")
+    columns: dict[str, str] | None = opt(None, "seed-format field -> dataset column, e.g. "
+                                               "{prompt: question, answer: final_answer}")
+    streaming: bool = opt(False, "dataset sources: validate in batches and read rows lazily from the memory-mapped "
+                                 "Arrow files instead of holding them in memory")
 
 
 @dataclass
@@ -284,6 +294,50 @@ class PipelineOptions:
 
 
 @dataclass
+class TensorBoardOptions:
+    """logger=tensorboard (configs/logger/tensorboard.yaml)"""
+    dir: str | None = opt(None, "event file directory (null: RUN/tensorboard)")
+
+
+@dataclass
+class WandbOptions:
+    """logger=wandb (configs/logger/wandb.yaml): offline unless mode=online"""
+    project: str = opt("posttrain", "W&B project")
+    name: str | None = opt(None, "run name (null: the run directory's name)")
+    entity: str | None = opt(None, "W&B entity (team or user)")
+    tags: list[str] = opt([], "run tags")
+    mode: Literal["offline", "online", "disabled"] = opt("offline", "offline: written under dir, `wandb sync` uploads")
+    dir: str | None = opt(None, "where wandb/ is written (null: RUN)")
+
+
+@dataclass
+class TrackioOptions:
+    """logger=trackio (configs/logger/trackio.yaml): a local SQLite store"""
+    project: str = opt("posttrain", "trackio project (one SQLite file per project)")
+    name: str | None = opt(None, "run name (null: the run directory's name)")
+    dir: str | None = opt(None, "TRACKIO_DIR, where the project databases live (null: RUN/trackio)")
+
+
+@dataclass
+class MlflowOptions:
+    """logger=mlflow (configs/logger/mlflow.yaml)"""
+    tracking_uri: str | None = opt(None, "null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working "
+                                         "directory (MLflow's default); or any file:, sqlite:, http(s): store")
+    experiment: str = opt("posttrain", "experiment name (created when missing)")
+    run_name: str | None = opt(None, "run name (null: the run directory's name)")
+
+
+@dataclass
+class LoggerOptions:
+    """configs/logger/*.yaml: the experiment trackers a run also writes to (each one present is on;
+    metrics.jsonl and eval.json are always written and stay the source of truth)."""
+    tensorboard: TensorBoardOptions | None = opt(None, "TensorBoard event files")
+    wandb: WandbOptions | None = opt(None, "Weights & Biases (offline by default)")
+    trackio: TrackioOptions | None = opt(None, "trackio (local SQLite)")
+    mlflow: MlflowOptions | None = opt(None, "MLflow tracking store")
+
+
+@dataclass
 class RunConfig:
     """configs/config.yaml plus the chosen groups."""
     method: Any = opt(REQUIRED)
@@ -291,6 +345,8 @@ class RunConfig:
     data: DataOptions = opt(REQUIRED)
     lora: LoraOptions = opt(REQUIRED)
     pipeline: PipelineOptions = opt(REQUIRED)
+    logger: LoggerOptions = field(default_factory=LoggerOptions, metadata={
+        "doc": "experiment trackers: logger=tensorboard|wandb|trackio|mlflow, or several: logger=[tensorboard,mlflow]"})
     seed: int = opt(0, "seeds data order, init and sampling")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
     eval_before: bool = opt(True, "evaluate the starting model (eval.json 'before')")
@@ -303,10 +359,12 @@ class RunConfig:
     keep_checkpoints: int = opt(2, "newest step checkpoints kept (0: all)", min=0)
     resume: bool | str = opt(False, "true: newest checkpoint of hydra.run.dir; DIR: of that run or checkpoint")
     skip_budget: int = opt(5, "non-finite steps skipped and reported before the run stops", min=0)
+    judge: Literal["auto", "builtin", "math_verify"] = opt(
+        "auto", "math answers (math_answer reward, accuracy): math_verify if installed (auto), or force one")
 
 
 GROUPS = {"method": None, "model": ModelOptions, "data": DataOptions, "lora": LoraOptions,
-          "pipeline": PipelineOptions}  # the config groups (the method group's bases are per kind, below)
+          "pipeline": PipelineOptions, "logger": None}  # the config groups (the method group's bases are per kind, below)
 
 
 # ============================================================================ method kinds

@@ -52,13 +52,15 @@ def make_optimizer(model, cfg, device):
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line, always with `step`.
+    """metrics.jsonl: one JSON object per line, always with `step`; each line also goes to the
+    run's experiment trackers (trainer/trackers.py), the one place they are fed during training.
 
     A resumed run keeps the lines of the steps before the checkpoint (`keep_below`) and drops the
     ones the killed run wrote after it, which the resumed run writes again.
     """
 
-    def __init__(self, path: str, keep_below: int = 0):
+    def __init__(self, path: str, keep_below: int = 0, trackers=None):
+        self.trackers = trackers
         kept = []
         if keep_below and os.path.exists(path):
             with open(path, encoding="utf-8") as f:
@@ -67,8 +69,11 @@ class MetricsLog:
         self.f.writelines(kept)
 
     def write(self, **row):
-        self.f.write(json.dumps({k: (v.item() if torch.is_tensor(v) else v) for k, v in row.items()}) + "\n")
+        row = {k: (v.item() if torch.is_tensor(v) else v) for k, v in row.items()}
+        self.f.write(json.dumps(row) + "\n")
         self.f.flush()
+        if self.trackers:
+            self.trackers.log(row["step"], row)
 
     def close(self):
         self.f.close()
@@ -92,11 +97,12 @@ def oom_message(step: int, i: int, shape: str, hints: list[str], cfg) -> str:
 
 
 def train_loop(model, ref, feed, cfg, run_dir: str, device, resume: str | None = None, before=None,
-               evaluate=None) -> int:
+               evaluate=None, trackers=None) -> int:
     """Run the optimiser steps of `feed`; returns how many there were.
 
     `evaluate(model) -> metrics`, with `eval_every=N`, is run every N steps and logged as `eval/NAME`
-    (training curves of held-out metrics; `elapsed_s` on every line is training time without it)."""
+    (training curves of held-out metrics; `elapsed_s` on every line is training time without it).
+    `trackers`: rank 0's open experiment trackers, fed every metrics.jsonl line."""
     m = cfg.method
     total = feed.total_steps
     opt, params, lr = make_optimizer(model, cfg, device)
@@ -110,7 +116,8 @@ def train_loop(model, ref, feed, cfg, run_dir: str, device, resume: str | None =
         checkpoint.set_rng_state(state["rng"])
         start, skipped = state["step"], state["skipped"]
         distributed.log(f"[posttrain] resumed from {resume} at step {start} of {total}")
-    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), keep_below=start) if distributed.is_main() else None
+    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), keep_below=start, trackers=trackers) \
+        if distributed.is_main() else None
     world = distributed.world_size()
     # FSDP's mixed precision already computes in bf16 on CUDA; one process uses autocast instead
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and world == 1 \

@@ -5,7 +5,9 @@ started from the previous stage's `checkpoints/final` (the first from `model.pat
 its eval.json "after" metrics are checked against the stage's gates (evaluation/metrics.py check_gates: `kl` is a
 maximum, every other metric a minimum). A failed gate stops the pipeline with a report of the metric
 that missed, and the result (`DIR/final`, `DIR/pipeline.json`) is the last model that passed. Stages
-run as subprocesses so each gets a fresh process, exactly as if run by hand.
+run as subprocesses so each gets a fresh process, exactly as if run by hand. Each stage's
+lineage.json names the pipeline and, as its parent, the previous stage's run (whose final model it
+starts from); DIR/lineage.json lists the stages with their parents.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import subprocess
 import sys
 
 from evaluation.metrics import check_gates, gate_line
+from trainer import lineage
 from trainer.paths import REPO, repo_path
 
 
@@ -30,7 +33,8 @@ def run_pipeline(stages: list[dict], start_model: str, run_dir: str, common: lis
         cmd = [sys.executable, os.path.join(REPO, "train.py"), f"method={stage['method']}", f"model.path={model}",
                f"hydra.run.dir={stage_dir}", *common, *stage.get("overrides", [])]
         print(f"[pipeline] stage {i + 1}/{len(stages)} {name}: {' '.join(cmd[2:])}", flush=True)
-        proc = subprocess.run(cmd, cwd=os.getcwd())
+        env = {**os.environ, lineage.PIPELINE_ENV: f"{os.path.abspath(run_dir)}\t{name}"}  # the stage's lineage.json
+        proc = subprocess.run(cmd, cwd=os.getcwd(), env=env)  # names its pipeline; its parent is `model`'s run
         entry = {"name": name, "dir": stage_dir, "returncode": proc.returncode}
         report["stages"].append(entry)
         if proc.returncode != 0:
@@ -59,5 +63,6 @@ def run_pipeline(stages: list[dict], start_model: str, run_dir: str, common: lis
         report["final"] = final
     with open(os.path.join(run_dir, "pipeline.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
+    lineage.write_pipeline(run_dir, report, start_model)  # each stage with its parent stage
     print(f"[pipeline] {'all gates passed' if report['passed'] else 'FAILED'}; result: {report['result']}", flush=True)
     return report

@@ -19,12 +19,15 @@ import shutil
 
 import torch
 
+from data import hf
 from evaluation.metrics import Evaluator, check_gates, gate_line, held_out_sets
-from trainer import checkpoint, distributed
+from tasks.arithmetic import set_judge
+from trainer import checkpoint, distributed, lineage
 from trainer.feeds import get_feed
 from trainer.loop import train_loop
 from trainer.models import AdaptersDisabled, add_adapters, load, make_reference, save_final
 from trainer.paths import repo_path
+from trainer.trackers import open_trackers
 
 
 def seed_everything(seed: int) -> None:
@@ -78,6 +81,9 @@ def setup(cfg, run_dir: str):
     from model.load import resolve_device, resolve_dtype
 
     seed_everything(cfg.seed)
+    set_judge(cfg.judge)  # the math judge of the reward and of accuracy, one for both
+    hf.configure(cfg.data, {repo_path(v["path"]): v for v in held_out_sets(cfg).values()
+                            if isinstance(v, dict) and "path" in v})  # split/subset/columns of dataset sources
     device = resolve_device(cfg.device)
     dist_device = distributed.init(cfg.device)  # torchrun with WORLD_SIZE > 1: FSDP2 data parallelism
     device = dist_device or device
@@ -88,6 +94,8 @@ def setup(cfg, run_dir: str):
     model, tok = load(cfg, device, dtype)
     need = 2 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
     check_writable(run_dir, need)
+    if distributed.is_main():  # code, config, model and data hashes, machine, parent run: before any step
+        lineage.write(cfg, run_dir, device)
     return model, tok, device, dtype
 
 
@@ -114,23 +122,31 @@ def train(cfg, run_dir: str) -> dict:
     resume = resume_checkpoint(cfg, run_dir)
     evaluator = feed.evaluator(Evaluator(tok, held_out_sets(cfg), cfg.eval_max_examples))
     results = {}
-    before = checkpoint.trainer_state(resume).get("before") if resume else None
-    if before is not None:
-        results["before"] = before  # measured on the same start by the first run
-    elif cfg.eval_before:
-        results["before"] = evaluator(model)
-        distributed.log(f"[posttrain] before: {results['before']}")
-    steps = train_loop(model, ref, feed, cfg, run_dir, device, resume=resume, before=results.get("before"),
-                       evaluate=evaluator)
-    if cfg.eval_after:
-        results["after"] = evaluator(model)
-        if cfg.method.gates:
-            results["gates"] = check_gates(results["after"], cfg.method.gates)
-        distributed.log(f"[posttrain] after {steps} steps: {results['after']}")
-        for name, g in results.get("gates", {}).items():
-            distributed.log(f"[posttrain] {gate_line(name, g)}")
-    final = save_final(model, cfg, tok, run_dir, adapters, dtype)
-    if distributed.is_main():
-        write_json(os.path.join(run_dir, "eval.json"), results)
+    trackers = open_trackers(cfg.logger, run_dir, main=distributed.is_main())  # rank 0 only; none by default
+    try:
+        trackers.log_config(lineage.config_dict(cfg))
+        before = checkpoint.trainer_state(resume).get("before") if resume else None
+        if before is not None:
+            results["before"] = before  # measured on the same start by the first run
+        elif cfg.eval_before:
+            results["before"] = evaluator(model)
+            distributed.log(f"[posttrain] before: {results['before']}")
+        steps = train_loop(model, ref, feed, cfg, run_dir, device, resume=resume, before=results.get("before"),
+                           evaluate=evaluator, trackers=trackers)
+        if cfg.eval_after:
+            results["after"] = evaluator(model)
+            if cfg.method.gates:
+                results["gates"] = check_gates(results["after"], cfg.method.gates)
+            distributed.log(f"[posttrain] after {steps} steps: {results['after']}")
+            for name, g in results.get("gates", {}).items():
+                distributed.log(f"[posttrain] {gate_line(name, g)}")
+        final = save_final(model, cfg, tok, run_dir, adapters, dtype)
+        if distributed.is_main():  # the model card carries eval.json's figures; eval.json itself comes last
+            with open(os.path.join(run_dir, "lineage.json"), encoding="utf-8") as f:
+                lineage.write_model_card(final, json.load(f), results)
+            write_json(os.path.join(run_dir, "eval.json"), results)
+            trackers.log_eval(results, steps)
+    finally:
+        trackers.close()
     distributed.log(f"[posttrain] done: {final}")
     return results
